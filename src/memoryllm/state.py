@@ -1,0 +1,184 @@
+"""A memory pool's state: the tensor, its drop generator, provenance, counters; atomic save/load.
+
+The drop generator lives with the pool (not in the process) so that the same sequence of
+injections from the same starting state gives a bit-identical pool, on any machine: drop
+indices are always drawn on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+FORMAT = "memoryllm-state/1"
+NEVER_WRITTEN = -1
+
+
+class MemoryStateError(ValueError):
+    """A memory state file or object that cannot be used with this model."""
+
+
+@dataclass
+class MemoryState:
+    memory: Tensor  # [L, N, d]
+    provenance: Tensor  # [L, N] int64: id of the injection that wrote each slot (-1: never)
+    generator: torch.Generator = field(repr=False)
+    seed: int = 0
+    initialized: bool = False
+    update_count: int = 0  # self-updates applied (one per chunk)
+    last_injection_id: int = 0  # ids handed out so far (one per inject call / text)
+    model_id: str = ""  # which model (and shape) the pool belongs to
+    version: int = 0  # bumped on every change; keys the cached memory keys/values
+
+    @classmethod
+    def empty(cls, num_layers: int, num_memory_tokens: int, hidden_size: int, *, seed: int = 0, model_id: str = "", dtype=torch.float32, device="cpu") -> "MemoryState":
+        g = torch.Generator(device="cpu")
+        g.manual_seed(seed)
+        return cls(
+            memory=torch.zeros(num_layers, num_memory_tokens, hidden_size, dtype=dtype, device=device),
+            provenance=torch.full((num_layers, num_memory_tokens), NEVER_WRITTEN, dtype=torch.long),
+            generator=g,
+            seed=seed,
+            model_id=model_id,
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.memory.shape)  # type: ignore[return-value]
+
+    def clone(self) -> "MemoryState":
+        g = torch.Generator(device="cpu")
+        g.set_state(self.generator.get_state())
+        return MemoryState(self.memory.clone(), self.provenance.clone(), g, self.seed, self.initialized, self.update_count, self.last_injection_id, self.model_id, self.version)
+
+    def assign(self, other: "MemoryState") -> None:
+        """Replace this state's contents in place (used to commit a finished update)."""
+        self.memory, self.provenance = other.memory, other.provenance
+        self.generator.set_state(other.generator.get_state())
+        self.seed, self.initialized, self.update_count = other.seed, other.initialized, other.update_count
+        self.last_injection_id, self.model_id, self.version = other.last_injection_id, other.model_id, other.version
+
+    def draw_keep_indices(self, num_layers: int, drop: int, per_layer: bool) -> Tensor:
+        """Sorted indices of the N - drop survivors: [L, N-drop] per layer, or [1, N-drop] shared."""
+        n = self.memory.shape[1]
+        rows = [torch.randperm(n, generator=self.generator)[: n - drop].sort().values for _ in range(num_layers if per_layer else 1)]
+        return torch.stack(rows)
+
+    def equal(self, other: "MemoryState") -> bool:
+        """Bit-exact equality of everything that determines future behaviour."""
+        return (
+            self.shape == other.shape
+            and torch.equal(self.memory.cpu(), other.memory.cpu())
+            and torch.equal(self.provenance.cpu(), other.provenance.cpu())
+            and torch.equal(self.generator.get_state(), other.generator.get_state())
+            and (self.initialized, self.update_count, self.last_injection_id, self.model_id)
+            == (other.initialized, other.update_count, other.last_injection_id, other.model_id)
+        )
+
+    # ---- persistence ----
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a crash leaves either the old file or the new one, never a mix."""
+        tensors = {
+            "memory": self.memory.detach().contiguous().cpu(),
+            "provenance": self.provenance.contiguous().cpu(),
+            "generator_state": self.generator.get_state(),
+        }
+        meta = {
+            "format": FORMAT,
+            "seed": str(self.seed),
+            "initialized": str(int(self.initialized)),
+            "update_count": str(self.update_count),
+            "last_injection_id": str(self.last_injection_id),
+            "model_id": self.model_id,
+            "version": str(self.version),
+            "sha256": _digest(tensors),
+        }
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, expect_shape: tuple[int, int, int] | None = None, expect_model_id: str | None = None, device="cpu", dtype=None) -> "MemoryState":
+        path = Path(path)
+        if not path.is_file():
+            raise MemoryStateError(f"memory state file not found: {path}")
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise MemoryStateError(f"{path} is not a readable memory state (truncated or corrupted?): {e}") from e
+        if meta.get("format") != FORMAT:
+            raise MemoryStateError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+        missing = {"memory", "provenance", "generator_state"} - tensors.keys()
+        if missing:
+            raise MemoryStateError(f"{path}: missing tensors {sorted(missing)}")
+        if meta.get("sha256") != _digest(tensors):
+            raise MemoryStateError(f"{path}: checksum mismatch, the file is corrupted")
+        mem, prov = tensors["memory"], tensors["provenance"]
+        if mem.dim() != 3 or prov.shape != mem.shape[:2]:
+            raise MemoryStateError(f"{path}: inconsistent shapes memory {tuple(mem.shape)} provenance {tuple(prov.shape)}")
+        if expect_shape is not None and tuple(mem.shape) != tuple(expect_shape):
+            names = ("layers", "memory tokens N", "hidden size")
+            diffs = [f"{n}: file {a} vs model {b}" for n, a, b in zip(names, mem.shape, expect_shape) if a != b]
+            raise MemoryStateError(f"{path}: memory shape {tuple(mem.shape)} does not fit this model {tuple(expect_shape)} ({'; '.join(diffs)})")
+        if expect_model_id is not None and meta.get("model_id") and meta["model_id"] != expect_model_id:
+            raise MemoryStateError(f"{path}: made for model {meta['model_id']!r}, but this model is {expect_model_id!r}")
+        g = torch.Generator(device="cpu")
+        try:
+            g.set_state(tensors["generator_state"])
+            ints = {k: int(meta[k]) for k in ("seed", "initialized", "update_count", "last_injection_id", "version")}
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise MemoryStateError(f"{path}: bad generator state or metadata: {e}") from e
+        return cls(
+            memory=mem.to(device=device, dtype=dtype or mem.dtype),
+            provenance=prov.long(),
+            generator=g,
+            seed=ints["seed"],
+            initialized=bool(ints["initialized"]),
+            update_count=ints["update_count"],
+            last_injection_id=ints["last_injection_id"],
+            model_id=meta.get("model_id", ""),
+            version=ints["version"],
+        )
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().cpu()
+        h.update(name.encode())
+        h.update(json.dumps([str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path) on a temp file beside path, fsync it, then rename over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
