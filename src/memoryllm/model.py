@@ -19,6 +19,7 @@ published MemoryLLM checkpoints, so state dicts load without renaming.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -389,25 +390,27 @@ class MemoryLLM(nn.Module):
         return torch.where(j < pads[:, None], j, j + P)
 
 
-def update_pool(memory: Tensor, initialized: Tensor, new_tokens: Tensor, count: Tensor, keep: list[Tensor | None]) -> Tensor:
+def update_pool(memory: Tensor | Sequence[Tensor], initialized: Tensor, new_tokens: Tensor, count: Tensor, keep: Sequence[Tensor | None]) -> Tensor | list[Tensor]:
     """Drop old tokens and append new ones (paper section 3.1.2) for each pool in a batch.
 
-    memory [B, L, N, d]; new_tokens [B, L, K, d] with the last count[b] rows valid;
-    keep[b]: sorted indices [L or 1, N - count[b]] of surviving old tokens (None for an empty
-    pool, which is filled by tiling the new tokens, the last ones winning any remainder).
+    memory: [B, L, N, d] or a list of B pools [L, N, d] (returned in the same form);
+    new_tokens [B, L, K, d] with the last count[b] rows valid; keep[b]: sorted indices
+    [L or 1, N - count[b]] of surviving old tokens (None for an empty pool, which is filled by
+    tiling the new tokens, the last ones winning any remainder).
     """
-    B, L, N, d = memory.shape
     rows = []
-    for b in range(B):
-        new = new_tokens[b, :, new_tokens.shape[2] - int(count[b]) :]
+    for b in range(len(memory)):
+        pool = memory[b]
+        L, N, d = pool.shape
+        new = new_tokens[b, :, new_tokens.shape[2] - int(count[b]) :].to(pool.dtype)
         if not bool(initialized[b]):
             rows.append(tile_to(new, N))
             continue
-        idx = keep[b].to(memory.device)
+        idx = keep[b].to(pool.device)
         idx = idx.expand(L, -1) if idx.shape[0] == 1 else idx
-        survivors = memory[b].gather(1, idx[..., None].expand(-1, -1, d))
-        rows.append(torch.cat([survivors, new.to(memory.dtype)], dim=1))
-    return torch.stack(rows)
+        survivors = pool.gather(1, idx[..., None].expand(-1, -1, d))
+        rows.append(torch.cat([survivors, new], dim=1))
+    return torch.stack(rows) if isinstance(memory, Tensor) else rows
 
 
 def tile_to(rows: Tensor, n: int) -> Tensor:

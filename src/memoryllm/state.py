@@ -38,6 +38,7 @@ class MemoryState:
     last_injection_id: int = 0  # ids handed out so far (one per inject call / text)
     model_id: str = ""  # which model (and shape) the pool belongs to
     version: int = 0  # bumped on every change; keys the cached memory keys/values
+    cache: object = field(default=None, repr=False, compare=False)  # memory keys/values of this version
 
     @classmethod
     def empty(cls, num_layers: int, num_memory_tokens: int, hidden_size: int, *, seed: int = 0, model_id: str = "", dtype=torch.float32, device="cpu") -> "MemoryState":
@@ -55,10 +56,13 @@ class MemoryState:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.memory.shape)  # type: ignore[return-value]
 
-    def clone(self) -> "MemoryState":
+    def clone(self, deep: bool = True) -> "MemoryState":
+        """A copy with its own generator. deep=False shares the tensors, which is safe for
+        self-update: it replaces them instead of writing into them."""
         g = torch.Generator(device="cpu")
         g.set_state(self.generator.get_state())
-        return MemoryState(self.memory.clone(), self.provenance.clone(), g, self.seed, self.initialized, self.update_count, self.last_injection_id, self.model_id, self.version)
+        mem, prov = (self.memory.clone(), self.provenance.clone()) if deep else (self.memory, self.provenance)
+        return MemoryState(mem, prov, g, self.seed, self.initialized, self.update_count, self.last_injection_id, self.model_id, self.version)
 
     def assign(self, other: "MemoryState") -> None:
         """Replace this state's contents in place (used to commit a finished update)."""
@@ -66,6 +70,7 @@ class MemoryState:
         self.generator.set_state(other.generator.get_state())
         self.seed, self.initialized, self.update_count = other.seed, other.initialized, other.update_count
         self.last_injection_id, self.model_id, self.version = other.last_injection_id, other.model_id, other.version
+        self.cache = None
 
     def draw_keep_indices(self, num_layers: int, drop: int, per_layer: bool) -> Tensor:
         """Sorted indices of the N - drop survivors: [L, N-drop] per layer, or [1, N-drop] shared."""

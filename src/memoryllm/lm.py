@@ -1,0 +1,323 @@
+"""The library API: a MemoryLLM model plus its tokenizer, with text in and text out.
+
+    lm = memoryllm.load()                     # the embedded SmolLM2-135M default
+    mem = lm.new_memory(seed=0)
+    lm.inject(mem, "The Eiffel Tower was painted green in 2031 ...")
+    print(lm.generate(mem, "What colour is the Eiffel Tower?").text)
+    mem.save("alice.mem.safetensors")
+
+``inject`` is the paper's self-update (one update per chunk of at most ``max_inject_tokens``
+tokens); ``generate`` reads the memory through keys/values cached per memory version.
+Every function also takes lists, so B users' pools are written or read in one forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .generate import SamplingParams, TextStream, decode
+from .model import KV, MemoryLLM, update_pool
+from .state import MemoryState, MemoryStateError
+
+
+class InjectionError(ValueError):
+    """Text that cannot be written into memory (empty, too short, not text)."""
+
+
+@dataclass
+class InjectResult:
+    injection_id: int
+    num_tokens: int
+    num_chunks: int
+    seconds: float
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    prefill_seconds: float  # includes computing memory keys/values when not cached
+    decode_seconds: float
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = max(len(self.token_ids) - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class _PrefixCache:
+    key: tuple
+    kv: KV = field(repr=False)
+
+
+def model_fingerprint(model: MemoryLLM) -> str:
+    """A short id of the weights and memory shape a pool belongs to.
+
+    Samples of a few tensors are rounded to bf16 first, so the same model in fp32, fp16 or
+    bf16 has the same id while a different (or differently trained) model does not.
+    """
+    cfg = model.config
+    h = hashlib.sha256(repr(sorted(cfg.fingerprint().items())).encode())
+    named = dict(model.named_parameters())
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "bos_embedding", "new_memory_positional_emb", "model.norm.weight"):
+        t = named.get(name)
+        if t is not None:
+            sample = t.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
+            h.update(sample.numpy().tobytes())
+    return f"L{cfg.num_hidden_layers}-N{cfg.num_memory_tokens}-K{cfg.num_tokens}-d{cfg.hidden_size}-{h.hexdigest()[:16]}"
+
+
+class MemoryLM:
+    def __init__(self, model: MemoryLLM, tokenizer, name: str = "model"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = model.config
+        self.model_id = model_fingerprint(model)
+
+    # ---- memory pools ----
+    def new_memory(self, seed: int = 0) -> MemoryState:
+        c = self.config
+        return MemoryState.empty(c.num_hidden_layers, c.num_memory_tokens, c.hidden_size, seed=seed, model_id=self.model_id, dtype=self.model.dtype, device=self.model.device)
+
+    def load_memory(self, path) -> MemoryState:
+        c = self.config
+        state = MemoryState.load(path, expect_shape=(c.num_hidden_layers, c.num_memory_tokens, c.hidden_size), expect_model_id=self.model_id, device=self.model.device, dtype=self.model.dtype)
+        return state
+
+    def memory_from_model(self, seed: int = 0) -> MemoryState:
+        """The pool stored inside the model itself (published checkpoints carry one)."""
+        state = self.new_memory(seed)
+        state.memory = self.model.memory.detach().clone()
+        state.initialized = bool(self.model.initialized)
+        return state
+
+    # ---- tokenisation ----
+    def encode(self, text: str) -> list[int]:
+        # The tokenizer's BOS is not added: the learned per-layer bos_embedding plays that role.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_prompt(self, prompt: str | list[dict], chat: bool | None) -> str:
+        has_template = getattr(self.tokenizer, "chat_template", None) is not None
+        if isinstance(prompt, list):
+            if not has_template:
+                raise ValueError("this tokenizer has no chat template; pass a plain string prompt")
+            messages = prompt
+        elif chat or (chat is None and has_template):
+            if not has_template:
+                raise ValueError("chat=True but this tokenizer has no chat template")
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            return prompt
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    # ---- writing (self-update) ----
+    def chunk(self, ids: list[int]) -> list[list[int]]:
+        """Split into near-equal chunks of at most max_inject_tokens (so no tiny last chunk)."""
+        limit = self.config.max_inject_tokens
+        n = max(1, math.ceil(len(ids) / limit))
+        size = math.ceil(len(ids) / n)
+        return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+    def _tokens_for_injection(self, text: str, allow_short: bool) -> list[int]:
+        if not isinstance(text, str):
+            raise InjectionError(f"text must be str, got {type(text).__name__}")
+        if not text.strip():
+            raise InjectionError("text is empty or whitespace only: nothing to inject")
+        ids = self.encode(text)
+        if len(ids) < self.config.min_inject_tokens and not allow_short:
+            raise InjectionError(
+                f"text has {len(ids)} tokens, fewer than the {self.config.min_inject_tokens}-token minimum "
+                "(shorter contexts disturb the memory, as the MemoryLLM releases warn); pass allow_short=True to inject anyway"
+            )
+        return ids
+
+    @torch.inference_mode()
+    def inject(self, memory: MemoryState | Sequence[MemoryState], text: str | Sequence[str], *, allow_short: bool = False, progress: bool | None = None, injection_id: int | Sequence[int] | None = None) -> InjectResult | list[InjectResult]:
+        """Write text into memory: one self-update per chunk, chunks in order.
+
+        With lists, pool i receives text i; pools are updated together, one forward pass per
+        round of chunks. All inputs are validated before anything changes, and pools are
+        committed only after every update succeeded, so an error leaves them untouched.
+        """
+        single = isinstance(memory, MemoryState)
+        states = [memory] if single else list(memory)
+        texts = [text] if isinstance(text, str) or single else list(text)
+        if len(states) != len(texts):
+            raise InjectionError(f"{len(states)} memories but {len(texts)} texts")
+        if len({id(s) for s in states}) != len(states):
+            raise InjectionError("the same memory appears twice in one batch; inject its texts in sequence")
+        ids_given = [injection_id] if single or injection_id is None or isinstance(injection_id, int) else list(injection_id)
+        for s in states:
+            self._check_state(s)
+        chunks = [self.chunk(self._tokens_for_injection(t, allow_short)) for t in texts]
+        new_ids = [s.last_injection_id + 1 if ids_given[0] is None else int(ids_given[i]) for i, s in enumerate(states)]
+
+        start = time.perf_counter()
+        work = [s.clone(deep=False) for s in states]
+        rounds = max(len(c) for c in chunks)
+        bar = None
+        if progress or (progress is None and rounds > 8):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(c) for c in chunks), desc="injecting", unit="chunk")
+        for r in range(rounds):
+            rows = [i for i, c in enumerate(chunks) if r < len(c)]
+            self._update([work[i] for i in rows], [chunks[i][r] for i in rows], [new_ids[i] for i in rows])
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - start
+        results = []
+        for s, w, c, i in zip(states, work, chunks, new_ids):
+            w.last_injection_id = max(w.last_injection_id, i)
+            s.assign(w)
+            results.append(InjectResult(i, sum(map(len, c)), len(c), seconds))
+        return results[0] if single else results
+
+    def _update(self, states: list[MemoryState], chunk_ids: list[list[int]], injection_ids: list[int]) -> None:
+        """One self-update of each pool (in place on these working copies)."""
+        cfg, dev = self.config, self.model.device
+        T = max(map(len, chunk_ids))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(states), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(states), T, dtype=torch.bool)
+        for b, ids in enumerate(chunk_ids):  # left padding
+            input_ids[b, T - len(ids) :] = torch.tensor(ids)
+            mask[b, T - len(ids) :] = True
+        init = torch.tensor([s.initialized for s in states])
+        tails = torch.stack([s.memory[:, -cfg.num_tokens :] for s in states])
+        new_tokens, count = self.model.new_memory_tokens(tails, init.to(dev), input_ids.to(dev), mask.to(dev))
+        count = count.cpu()
+        keep = [s.draw_keep_indices(cfg.num_hidden_layers, int(count[b]), cfg.drop_memory_per_layer) if s.initialized else None for b, s in enumerate(states)]
+        pools = update_pool([s.memory for s in states], init, new_tokens, count, keep)
+        for b, s in enumerate(states):
+            s.memory = pools[b]
+            s.provenance = update_pool([s.provenance[..., None]], init[b : b + 1], torch.full((cfg.num_hidden_layers, cfg.num_tokens, 1), injection_ids[b])[None], count[b : b + 1], keep[b : b + 1])[0][..., 0]
+            s.initialized = True
+            s.update_count += 1
+            s.version += 1
+            s.cache = None
+
+    def _check_state(self, s: MemoryState) -> None:
+        c = self.config
+        if s.shape != (c.num_hidden_layers, c.num_memory_tokens, c.hidden_size):
+            raise MemoryStateError(f"memory of shape {s.shape} does not fit this model ({c.num_hidden_layers}, {c.num_memory_tokens}, {c.hidden_size})")
+        if s.model_id and s.model_id != self.model_id:
+            raise MemoryStateError(f"memory was made for model {s.model_id!r}, this model is {self.model_id!r}")
+
+    # ---- reading (generation) ----
+    def prefix(self, states: Sequence[MemoryState | None]) -> KV | None:
+        """Memory keys/values for a batch, each pool's computed once per version and cached."""
+        if all(s is None or not s.initialized for s in states):
+            return None
+        parts = []
+        for s in states:
+            if s is None or not s.initialized:
+                s_kv = None
+            else:
+                key = (s.version, id(s.memory), self.model.dtype, str(self.model.device))
+                if s.cache is None or s.cache.key != key:
+                    s.cache = _PrefixCache(key, self.model.memory_prefix(s.memory[None].to(self.model.dtype), True))
+                s_kv = s.cache.kv
+            parts.append(s_kv)
+        ref = next(p for p in parts if p is not None)
+        filled = [p if p is not None else KV([torch.zeros_like(k) for k in ref.k], [torch.zeros_like(v) for v in ref.v], torch.zeros_like(ref.valid), torch.zeros_like(ref.next_pos)) for p in parts]
+        if len(filled) == 1:
+            return filled[0]
+        return KV(
+            [torch.cat([p.k[l] for p in filled]) for l in range(len(ref.k))],
+            [torch.cat([p.v[l] for p in filled]) for l in range(len(ref.v))],
+            torch.cat([p.valid for p in filled]),
+            torch.cat([p.next_pos for p in filled]),
+        )
+
+    def stream(self, memory: MemoryState | None, prompt: str | list[dict], *, chat: bool | None = None, **sampling) -> Iterator[str]:
+        """Yield the answer's text piece by piece (stop strings never leak into the stream)."""
+        yield from self._run([memory], [prompt], chat, SamplingParams(**sampling), stream=True)
+
+    def generate(self, memory: MemoryState | None, prompt: str | list[dict], *, chat: bool | None = None, **sampling) -> Generation:
+        return next(self._run([memory], [prompt], chat, SamplingParams(**sampling), stream=False))
+
+    def generate_batch(self, memories: Sequence[MemoryState | None], prompts: Sequence[str | list[dict]], *, chat: bool | None = None, **sampling) -> list[Generation]:
+        """Row i answers prompts[i] from memories[i]; one forward pass per step for all rows."""
+        if len(memories) != len(prompts):
+            raise ValueError(f"{len(memories)} memories but {len(prompts)} prompts")
+        return list(self._run(list(memories), list(prompts), chat, SamplingParams(**sampling), stream=False))
+
+    def _run(self, states, prompts, chat, params: SamplingParams, stream: bool):
+        for s in states:
+            if s is not None:
+                self._check_state(s)
+        encoded = [self.encode(self.chat_prompt(p, chat)) for p in prompts]
+        if any(len(e) == 0 for e in encoded):
+            raise ValueError("prompt is empty")
+        dev = self.model.device
+        T = max(map(len, encoded))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(encoded), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(encoded), T, dtype=torch.bool)
+        for b, e in enumerate(encoded):
+            input_ids[b, T - len(e) :] = torch.tensor(e)
+            mask[b, T - len(e) :] = True
+        eos = self.config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        texts = [TextStream(self.tokenizer, params.stop) for _ in encoded]
+        finish = ["length"] * len(encoded)
+        t0 = time.perf_counter()
+        prefix = self.prefix(states)
+
+        def stopped(tokens: Tensor) -> Tensor:
+            return torch.tensor([t.stopped for t in texts], device=tokens.device)
+
+        t_first = None
+        with torch.inference_mode():
+            for tokens, active in decode(self.model, prefix, input_ids.to(dev), None if bool(mask.all()) else mask.to(dev), params, eos_ids, stopped):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                for b, (tok, act) in enumerate(zip(tokens.tolist(), active.tolist())):
+                    if not act:
+                        continue
+                    if tok in eos_ids:
+                        finish[b] = "stop"
+                        continue
+                    piece = texts[b].push(tok)
+                    if texts[b].stopped:
+                        finish[b] = "stop"
+                    if stream and piece:
+                        yield piece
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        if stream:
+            tail = texts[0].finish()
+            if tail:
+                yield tail
+            return
+        for b, t in enumerate(texts):
+            t.finish()
+            yield Generation(t.text, t.ids, len(encoded[b]), t_first - t0, t_end - t_first, finish[b])
+
+
+def load(path=None, **kwargs) -> MemoryLM:
+    """A MemoryLM from a local folder (HF Llama-family model or MemoryLLM checkpoint), or the
+    embedded SmolLM2-135M default when path is None."""
+    from . import loading
+
+    model, tokenizer = loading.load(path, **kwargs)
+    return MemoryLM(model, tokenizer, name=str(path) if path else "SmolLM2-135M-Instruct (embedded default)")
