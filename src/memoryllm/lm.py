@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .generate import SamplingParams, TextStream, decode
-from .model import KV, MemoryLLM, update_pool
+from .model import KV, MemoryLLM
 from .state import MemoryState, MemoryStateError
 
 
@@ -101,7 +101,7 @@ class MemoryLM:
     def memory_from_model(self, seed: int = 0) -> MemoryState:
         """The pool stored inside the model itself (published checkpoints carry one)."""
         state = self.new_memory(seed)
-        state.memory = self.model.memory.detach().clone()
+        state.memory = self.model.memory.detach().clone().to(self.model.dtype)
         state.initialized = bool(self.model.initialized)
         return state
 
@@ -167,30 +167,35 @@ class MemoryLM:
         new_ids = [s.last_injection_id + 1 if ids_given[0] is None else int(ids_given[i]) for i, s in enumerate(states)]
 
         start = time.perf_counter()
-        work = [s.clone(deep=False) for s in states]
         rounds = max(len(c) for c in chunks)
         bar = None
         if progress or (progress is None and rounds > 8):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(len(c) for c in chunks), desc="injecting", unit="chunk")
-        for r in range(rounds):
-            rows = [i for i, c in enumerate(chunks) if r < len(c)]
-            self._update([work[i] for i in rows], [chunks[i][r] for i in rows], [new_ids[i] for i in rows])
+        undo: list[tuple[MemoryState, tuple]] = []  # updates are in place; this restores them on error
+        try:
+            for r in range(rounds):
+                rows = [i for i, c in enumerate(chunks) if r < len(c)]
+                undo += self._update([states[i] for i in rows], [chunks[i][r] for i in rows], [new_ids[i] for i in rows])
+                if bar is not None:
+                    bar.update(len(rows))
+        except BaseException:
+            for state, record in reversed(undo):
+                state.undo_(record)
+            raise
+        finally:
             if bar is not None:
-                bar.update(len(rows))
-        if bar is not None:
-            bar.close()
+                bar.close()
         seconds = time.perf_counter() - start
         results = []
-        for s, w, c, i in zip(states, work, chunks, new_ids):
-            w.last_injection_id = max(w.last_injection_id, i)
-            s.assign(w)
+        for s, c, i in zip(states, chunks, new_ids):
+            s.last_injection_id = max(s.last_injection_id, i)
             results.append(InjectResult(i, sum(map(len, c)), len(c), seconds))
         return results[0] if single else results
 
-    def _update(self, states: list[MemoryState], chunk_ids: list[list[int]], injection_ids: list[int]) -> None:
-        """One self-update of each pool (in place on these working copies)."""
+    def _update(self, states: list[MemoryState], chunk_ids: list[list[int]], injection_ids: list[int]) -> list[tuple[MemoryState, tuple]]:
+        """One self-update of each pool, in place. Returns undo records."""
         cfg, dev = self.config, self.model.device
         T = max(map(len, chunk_ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -200,18 +205,14 @@ class MemoryLM:
             input_ids[b, T - len(ids) :] = torch.tensor(ids)
             mask[b, T - len(ids) :] = True
         init = torch.tensor([s.initialized for s in states])
-        tails = torch.stack([s.memory[:, -cfg.num_tokens :] for s in states])
+        tails = torch.stack([s.tail(cfg.num_tokens) for s in states])
         new_tokens, count = self.model.new_memory_tokens(tails, init.to(dev), input_ids.to(dev), mask.to(dev))
         count = count.cpu()
-        keep = [s.draw_keep_indices(cfg.num_hidden_layers, int(count[b]), cfg.drop_memory_per_layer) if s.initialized else None for b, s in enumerate(states)]
-        pools = update_pool([s.memory for s in states], init, new_tokens, count, keep)
+        records = []
         for b, s in enumerate(states):
-            s.memory = pools[b]
-            s.provenance = update_pool([s.provenance[..., None]], init[b : b + 1], torch.full((cfg.num_hidden_layers, cfg.num_tokens, 1), injection_ids[b])[None], count[b : b + 1], keep[b : b + 1])[0][..., 0]
-            s.initialized = True
-            s.update_count += 1
-            s.version += 1
-            s.cache = None
+            new = new_tokens[b, :, cfg.num_tokens - int(count[b]) :]
+            records.append((s, s.write_update_(new, injection_ids[b], cfg.drop_memory_per_layer)))
+        return records
 
     def _check_state(self, s: MemoryState) -> None:
         c = self.config
@@ -232,7 +233,8 @@ class MemoryLM:
             else:
                 key = (s.version, id(s.memory), self.model.dtype, str(self.model.device))
                 if s.cache is None or s.cache.key != key:
-                    s.cache = _PrefixCache(key, self.model.memory_prefix(s.memory[None].to(self.model.dtype), True))
+                    kv = self.model.memory_prefix(s.memory[None].to(self.model.dtype), True, s.positions()[None])
+                    s.cache = _PrefixCache(key, kv)
                 s_kv = s.cache.kv
             parts.append(s_kv)
         ref = next(p for p in parts if p is not None)

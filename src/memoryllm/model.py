@@ -265,18 +265,25 @@ class MemoryLLM(nn.Module):
         return rows if bos is None else torch.cat([bos.to(rows.dtype), rows], dim=1)
 
     # ---- reading ----
-    def memory_prefix(self, memory: Tensor, initialized: Tensor | bool = True) -> KV:
+    def memory_prefix(self, memory: Tensor, initialized: Tensor | bool = True, positions: Tensor | None = None) -> KV:
         """Keys/values of [bos_l, memory_l] for every layer: computed once per memory version.
 
         memory: [B, L, M, d] (M = N for a pool; training also reads just the K new tokens).
+        positions: [B, L, M] logical index (0 = oldest) of each row when the rows are stored
+        out of order (see MemoryState); RoPE position = 1 + logical index, bos at 0.
         """
         B, L, M, _ = memory.shape
-        valid = torch.as_tensor(initialized, dtype=torch.bool, device=memory.device).expand(B).clone()
-        P = M + (self.bos_embedding is not None)
-        positions = torch.arange(P, device=memory.device)[None].expand(B, P)
-        cos, sin = self.rope(positions, memory.dtype)
+        dev = memory.device
+        valid = torch.as_tensor(initialized, dtype=torch.bool, device=dev).expand(B).clone()
+        has_bos = self.bos_embedding is not None
+        P = M + has_bos
+        if positions is None:
+            positions = torch.arange(M, device=dev).expand(B, L, M)
+        positions = positions.to(dev) + has_bos
+        bos_pos = torch.zeros(B, L, int(has_bos), dtype=positions.dtype, device=dev)
         ks, vs = [], []
         for l, layer in enumerate(self.model.layers):
+            cos, sin = self.rope(torch.cat([bos_pos[:, l], positions[:, l]], dim=1), memory.dtype)
             x = layer.input_layernorm(self._with_bos(l, memory[:, l]))
             k, v = layer.self_attn.kv(x, cos, sin)
             ks.append(k)

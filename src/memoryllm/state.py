@@ -29,8 +29,19 @@ class MemoryStateError(ValueError):
 
 @dataclass
 class MemoryState:
-    memory: Tensor  # [L, N, d]
-    provenance: Tensor  # [L, N] int64: id of the injection that wrote each slot (-1: never)
+    """One memory pool.
+
+    Storage is *physical*: dropping K of N tokens and appending K new ones would shift O(N)
+    rows per layer, which makes an update's cost grow with N (1.5 s at N=16k on a CPU). Instead
+    the K new rows overwrite the K dropped rows' slots and ``order[l, i]`` records which slot
+    holds logical position i (0 = oldest). Updates then cost O(K) rows (plus O(N) integers),
+    independent of N as the paper intends. Reading needs no reordering: attention over memory is
+    order-free except through RoPE, so keys get the logical positions (``positions()``).
+    ``logical_memory()`` gives the pool in the paper's order; files store that order.
+    """
+
+    memory: Tensor  # [L, N, d] physical slots
+    provenance: Tensor  # [L, N] int64 physical: id of the injection that wrote each slot (-1: never)
     generator: torch.Generator = field(repr=False)
     seed: int = 0
     initialized: bool = False
@@ -39,6 +50,12 @@ class MemoryState:
     model_id: str = ""  # which model (and shape) the pool belongs to
     version: int = 0  # bumped on every change; keys the cached memory keys/values
     cache: object = field(default=None, repr=False, compare=False)  # memory keys/values of this version
+    order: Tensor | None = None  # [L, N] int64: physical slot of each logical position
+
+    def __post_init__(self) -> None:
+        if self.order is None:
+            L, N = self.provenance.shape
+            self.order = torch.arange(N).expand(L, N).clone()
 
     @classmethod
     def empty(cls, num_layers: int, num_memory_tokens: int, hidden_size: int, *, seed: int = 0, model_id: str = "", dtype=torch.float32, device="cpu") -> "MemoryState":
@@ -62,11 +79,11 @@ class MemoryState:
         g = torch.Generator(device="cpu")
         g.set_state(self.generator.get_state())
         mem, prov = (self.memory.clone(), self.provenance.clone()) if deep else (self.memory, self.provenance)
-        return MemoryState(mem, prov, g, self.seed, self.initialized, self.update_count, self.last_injection_id, self.model_id, self.version)
+        return MemoryState(mem, prov, g, self.seed, self.initialized, self.update_count, self.last_injection_id, self.model_id, self.version, order=self.order.clone())
 
     def assign(self, other: "MemoryState") -> None:
         """Replace this state's contents in place (used to commit a finished update)."""
-        self.memory, self.provenance = other.memory, other.provenance
+        self.memory, self.provenance, self.order = other.memory, other.provenance, other.order
         self.generator.set_state(other.generator.get_state())
         self.seed, self.initialized, self.update_count = other.seed, other.initialized, other.update_count
         self.last_injection_id, self.model_id, self.version = other.last_injection_id, other.model_id, other.version
@@ -78,12 +95,74 @@ class MemoryState:
         rows = [torch.randperm(n, generator=self.generator)[: n - drop].sort().values for _ in range(num_layers if per_layer else 1)]
         return torch.stack(rows)
 
+    # ---- logical view (the paper's order: oldest first) ----
+    def logical_memory(self) -> Tensor:
+        return self.memory.gather(1, self.order.to(self.memory.device)[..., None].expand(-1, -1, self.memory.shape[2]))
+
+    def logical_provenance(self) -> Tensor:
+        return self.provenance.gather(1, self.order)
+
+    def positions(self) -> Tensor:
+        """[L, N]: logical position (0-based) of each physical slot."""
+        L, N = self.order.shape
+        return torch.empty_like(self.order).scatter_(1, self.order, torch.arange(N).expand(L, N))
+
+    def tail(self, k: int) -> Tensor:
+        """The last k logical memory tokens [L, k, d] (the self-update's input)."""
+        idx = self.order[:, -k:].to(self.memory.device)
+        return self.memory.gather(1, idx[..., None].expand(-1, -1, self.memory.shape[2]))
+
+    def write_update_(self, new: Tensor, injection_id: int, per_layer_drop: bool = False) -> tuple:
+        """Apply one self-update in place: drop k = len(new) old tokens chosen uniformly at random
+        (with this pool's generator; the same indices in every layer unless per_layer_drop) and
+        append ``new`` [L, k, d]; an empty pool is filled by tiling instead.
+        Returns an undo record for ``undo_`` (O(k) rows, or the whole pool when tiling)."""
+        from .model import tile_to
+
+        L, N, d = self.memory.shape
+        k = new.shape[1]
+        counters = (self.initialized, self.update_count, self.version, self.generator.get_state(), self.last_injection_id)
+        new = new.to(self.memory.dtype)
+        keep = self.draw_keep_indices(L, k, per_layer_drop) if self.initialized else None
+        if keep is None:
+            record = ("all", self.memory, self.provenance, self.order, counters)
+            self.memory = tile_to(new, N).contiguous()
+            self.provenance = torch.full((L, N), injection_id, dtype=torch.long)
+            self.order = torch.arange(N).expand(L, N).clone()
+        else:
+            keep = keep.expand(L, -1)
+            dropped_mask = torch.ones(L, N, dtype=torch.bool)
+            dropped_mask.scatter_(1, keep, False)
+            dropped = dropped_mask.nonzero()[:, 1].view(L, k)  # logical indices, sorted per layer
+            freed = self.order.gather(1, dropped)  # their physical slots get the new tokens
+            dev_freed = freed.to(self.memory.device)[..., None].expand(-1, -1, d)
+            record = ("slots", freed, self.memory.gather(1, dev_freed), self.provenance.gather(1, freed), self.order, counters)
+            self.memory.scatter_(1, dev_freed, new)
+            self.provenance.scatter_(1, freed, injection_id)
+            self.order = torch.cat([self.order.gather(1, keep), freed], dim=1)
+        self.initialized = True
+        self.update_count += 1
+        self.version += 1
+        self.cache = None
+        return record
+
+    def undo_(self, record: tuple) -> None:
+        if record[0] == "all":
+            _, self.memory, self.provenance, self.order, counters = record
+        else:
+            _, freed, rows, prov, self.order, counters = record
+            self.memory.scatter_(1, freed.to(self.memory.device)[..., None].expand(-1, -1, self.memory.shape[2]), rows)
+            self.provenance.scatter_(1, freed, prov)
+        self.initialized, self.update_count, self.version, gen_state, self.last_injection_id = counters
+        self.generator.set_state(gen_state)
+        self.cache = None
+
     def equal(self, other: "MemoryState") -> bool:
-        """Bit-exact equality of everything that determines future behaviour."""
+        """Bit-exact equality of everything that determines future behaviour (in logical order)."""
         return (
             self.shape == other.shape
-            and torch.equal(self.memory.cpu(), other.memory.cpu())
-            and torch.equal(self.provenance.cpu(), other.provenance.cpu())
+            and torch.equal(self.logical_memory().cpu(), other.logical_memory().cpu())
+            and torch.equal(self.logical_provenance().cpu(), other.logical_provenance().cpu())
             and torch.equal(self.generator.get_state(), other.generator.get_state())
             and (self.initialized, self.update_count, self.last_injection_id, self.model_id)
             == (other.initialized, other.update_count, other.last_injection_id, other.model_id)
@@ -93,8 +172,8 @@ class MemoryState:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a crash leaves either the old file or the new one, never a mix."""
         tensors = {
-            "memory": self.memory.detach().contiguous().cpu(),
-            "provenance": self.provenance.contiguous().cpu(),
+            "memory": self.logical_memory().detach().contiguous().cpu(),
+            "provenance": self.logical_provenance().contiguous().cpu(),
             "generator_state": self.generator.get_state(),
         }
         meta = {

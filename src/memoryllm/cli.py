@@ -1,0 +1,234 @@
+"""Command line: a thin shell over the library API (memoryllm.lm).
+
+    memoryllm inject "Some text to remember ..."      # or --file notes.txt
+    memoryllm ask "What did I tell you about ...?"
+    memoryllm chat                                    # interactive; /remember TEXT injects
+    memoryllm info
+    memoryllm demo                                    # inject a passage, ask, print timings
+
+Every command works on one memory-state file (--memory, default ./memory.safetensors) and the
+embedded default model unless --model names a local folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MEMORY = "memory.safetensors"
+
+DEMO_PASSAGE = (
+    "Zorblat Industries was founded in 2031 by the engineer Mira Kovac in the town of Lindholm. "
+    "The company's first product was a solar-powered bicycle called the Sunrider. "
+    "Its headquarters moved to Tallinn in 2035, and its mascot is a purple owl named Pixel."
+)
+DEMO_QUESTION = "Who founded Zorblat Industries?"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local folder: a Llama-family HF model or a MemoryLLM checkpoint (default: embedded SmolLM2-135M)")
+    p.add_argument("--memory", default=DEFAULT_MEMORY, help=f"memory state file (default: ./{DEFAULT_MEMORY})")
+    p.add_argument("--num-tokens", type=int, default=None, help="K, memory tokens per update (new models only)")
+    p.add_argument("--num-blocks", type=int, default=None, help="N = num_blocks * K (new models only)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memoryllm", description="Self-updatable LLM with a latent memory pool (MemoryLLM).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inject", help="write text into the memory")
+    _add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("text", nargs="?", help="text to inject")
+    src.add_argument("--file", help="UTF-8 text file to inject ('-' for stdin)")
+    p.add_argument("--allow-short", action="store_true", help="accept texts under the minimum token count")
+    p.add_argument("--memory-seed", type=int, default=0, help="seed of the drop generator for a new memory file")
+
+    p = sub.add_parser("ask", help="answer a question from the memory")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("question")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+
+    p = sub.add_parser("chat", help="interactive chat; /remember TEXT injects, /info, /quit")
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+    p = sub.add_parser("info", help="model and memory facts")
+    _add_model_args(p)
+
+    p = sub.add_parser("demo", help="inject a passage, ask about it, print the answer and timings")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(memory=None, max_new_tokens=24)
+    return parser
+
+
+def _load_lm(args):
+    import torch
+
+    from .lm import load
+
+    kw = {"dtype": getattr(torch, args.dtype), "device": args.device}
+    if args.num_tokens is not None:
+        kw["num_tokens"] = args.num_tokens
+    if args.num_blocks is not None:
+        kw["num_blocks"] = args.num_blocks
+    t0 = time.perf_counter()
+    lm = load(args.model, **kw)
+    return lm, time.perf_counter() - t0
+
+
+def _open_memory(lm, path: str | None, seed: int = 0, must_exist: bool = False):
+    if path and Path(path).exists():
+        return lm.load_memory(path)
+    if must_exist:
+        raise FileNotFoundError(f"memory file {path} does not exist (inject something first)")
+    return lm.new_memory(seed=seed)
+
+
+def _read_text(args) -> str:
+    if args.file is None:
+        return args.text
+    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{args.file} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+def cmd_inject(args) -> int:
+    text = _read_text(args)  # validate input before the (slow) model load
+    if not text.strip():
+        raise ValueError("text is empty or whitespace only: nothing to inject")
+    lm, _ = _load_lm(args)
+    mem = _open_memory(lm, args.memory, seed=args.memory_seed)
+    r = lm.inject(mem, text, allow_short=args.allow_short)
+    mem.save(args.memory)
+    print(f"injected #{r.injection_id}: {r.num_tokens} tokens in {r.num_chunks} update(s), {r.seconds:.2f} s -> {args.memory} (updates: {mem.update_count})")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    lm, _ = _load_lm(args)
+    mem = _open_memory(lm, args.memory)
+    if not mem.initialized:
+        print("note: the memory is empty; answering from the base model alone", file=sys.stderr)
+    chat = False if args.no_chat else None
+    if args.stream:
+        for piece in lm.stream(mem, args.question, chat=chat, **_sampling(args)):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(lm.generate(mem, args.question, chat=chat, **_sampling(args)).text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    lm, _ = _load_lm(args)
+    mem = _open_memory(lm, args.memory)
+    chat = False if args.no_chat else None
+    print(f"memoryllm chat on {lm.name}; memory {args.memory} ({mem.update_count} updates). /remember TEXT, /info, /quit")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/info":
+            print(_info_text(lm, mem, args.memory))
+            continue
+        if line.startswith("/remember"):
+            try:
+                r = lm.inject(mem, line[len("/remember") :].strip())
+            except ValueError as e:
+                print(f"error: {e}")
+                continue
+            mem.save(args.memory)
+            print(f"(remembered: {r.num_tokens} tokens, injection #{r.injection_id})")
+            continue
+        for piece in lm.stream(mem, line, chat=chat, **_sampling(args)):
+            print(piece, end="", flush=True)
+        print()
+    return 0
+
+
+def _info_text(lm, mem, path) -> str:
+    c = lm.config
+    pool_mb = mem.memory.numel() * mem.memory.element_size() / 2**20
+    params = sum(p.numel() for p in lm.model.parameters())
+    return "\n".join(
+        [
+            f"model:          {lm.name} ({params / 1e6:.1f}M parameters, {lm.model.dtype}, {lm.model.device})",
+            f"model id:       {lm.model_id}",
+            f"layers L:       {c.num_hidden_layers}   hidden d: {c.hidden_size}",
+            f"memory N:       {c.num_memory_tokens} tokens per layer ({c.num_blocks} blocks x K={c.num_tokens})",
+            f"pool size:      {pool_mb:.1f} MiB ({mem.memory.numel() / 1e6:.1f}M values)",
+            f"memory file:    {path} ({'exists' if path and Path(path).exists() else 'new'})",
+            f"initialized:    {mem.initialized}",
+            f"updates:        {mem.update_count}   injections: {mem.last_injection_id}",
+            f"chunk limits:   {c.min_inject_tokens}..{c.max_inject_tokens} tokens per update",
+        ]
+    )
+
+
+def cmd_info(args) -> int:
+    lm, _ = _load_lm(args)
+    print(_info_text(lm, _open_memory(lm, args.memory), args.memory))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    lm, load_s = _load_lm(args)
+    mem = lm.new_memory(seed=0)
+    chat = False if args.no_chat else None
+    base = lm.generate(None, DEMO_QUESTION, chat=chat, **_sampling(args))
+    r = lm.inject(mem, DEMO_PASSAGE)
+    ans = lm.generate(mem, DEMO_QUESTION, chat=chat, **_sampling(args))
+    print(f"model:     {lm.name} (loaded in {load_s:.1f} s)")
+    print(f"memory:    N={lm.config.num_memory_tokens}, K={lm.config.num_tokens}, {lm.config.num_hidden_layers} layers")
+    print(f"injected:  {r.num_tokens} tokens in {r.seconds * 1000:.0f} ms")
+    print(f"question:  {DEMO_QUESTION}")
+    print(f"no memory: {base.text.strip()!r}")
+    print(f"memory:    {ans.text.strip()!r}")
+    print(f"timings:   first token {ans.prefill_seconds * 1000:.0f} ms (incl. memory keys/values), decode {ans.tokens_per_second:.1f} tokens/s")
+    return 0
+
+
+COMMANDS = {"inject": cmd_inject, "ask": cmd_ask, "chat": cmd_chat, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .state import MemoryStateError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, MemoryStateError) as e:
+        print(f"memoryllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
