@@ -237,7 +237,9 @@ class MemoryLLM(nn.Module):
         # MemoryState objects and are passed in explicitly.
         self.register_buffer("memory", torch.zeros(L, N, d), persistent=True)
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8), persistent=True)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # Kept out of the module's buffers on purpose: a model.to(bfloat16) would round the
+        # frequencies and garble positions in the thousands. Always fp32, moved on demand.
+        self._inv_freq = rope_inv_freq(cfg)
 
     # ---- small helpers ----
     @property
@@ -251,7 +253,9 @@ class MemoryLLM(nn.Module):
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos/sin [B, T, hd] for integer positions [B, T], scaled by the config's position factor."""
         pos = positions.float() * self.config.position_factor
-        freqs = pos[..., None] * self.inv_freq.float().to(pos.device)
+        if self._inv_freq.device != pos.device:
+            self._inv_freq = self._inv_freq.to(pos.device)
+        freqs = pos[..., None] * self._inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
