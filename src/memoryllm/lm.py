@@ -222,6 +222,7 @@ class MemoryLM:
             raise MemoryStateError(f"memory was made for model {s.model_id!r}, this model is {self.model_id!r}")
 
     # ---- reading (generation) ----
+    @torch.no_grad()  # cached for reuse: must not hold an autograd graph of the whole pool
     def prefix(self, states: Sequence[MemoryState | None]) -> KV | None:
         """Memory keys/values for a batch, each pool's computed once per version and cached."""
         if all(s is None or not s.initialized for s in states):
