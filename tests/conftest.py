@@ -102,3 +102,120 @@ def model():
 @pytest.fixture
 def lm():
     return tiny_lm()
+
+
+# --------------------------------------------------------------------------------------------
+# A slow reference of MemoryLLM, written from the paper and docs/design.md rather than from
+# model.py: one sequence at a time, float64, explicit matmul/softmax attention over the whole
+# [bos, memory, input] sequence. The fast batched paths are tested against it.
+# --------------------------------------------------------------------------------------------
+
+
+def ref_position_factor(cfg) -> float:
+    """The RoPE position multiplier as design.md states it (tests use configs where it is < 1)."""
+    if cfg.position_scaling == "interpolate":  # 7B release
+        return cfg.max_position_embeddings / ((cfg.num_blocks + 1) * cfg.num_tokens)
+    if cfg.position_scaling == "linear":  # 8B release
+        return 1 / ((cfg.num_memory_tokens + cfg.max_input_tokens) / cfg.max_position_embeddings)
+    return 1.0
+
+
+def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if module.bias is None else module.bias.double()
+    return torch.nn.functional.linear(x, module.weight.double(), bias)
+
+
+def _rms_norm(module, x: torch.Tensor) -> torch.Tensor:
+    return module.weight.double() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.eps)
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """x [H, S, hd] rotated by positions [S] (HF's rotate-half convention)."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = positions.double()[:, None] * inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def ref_layer(layer, x: torch.Tensor, positions: torch.Tensor, can_see: torch.Tensor, cfg) -> torch.Tensor:
+    """One decoder layer on a single sequence x [S, d] (float64); can_see[i, j]: query i sees key j."""
+    S = x.shape[0]
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    att = layer.self_attn
+    xn = _rms_norm(layer.input_layernorm, x)
+    q = _rope(_linear(att.q_proj, xn).view(S, H, hd).transpose(0, 1), positions, cfg.rope_theta)
+    k = _rope(_linear(att.k_proj, xn).view(S, Hkv, hd).transpose(0, 1), positions, cfg.rope_theta)
+    v = _linear(att.v_proj, xn).view(S, Hkv, hd).transpose(0, 1)
+    k, v = k.repeat_interleave(H // Hkv, dim=0), v.repeat_interleave(H // Hkv, dim=0)  # GQA
+    scores = (q @ k.transpose(1, 2)) / hd**0.5
+    weights = scores.masked_fill(~can_see, float("-inf")).softmax(-1)
+    h = x + _linear(att.o_proj, (weights @ v).transpose(0, 1).reshape(S, H * hd))
+    mlp = layer.mlp
+    hn = _rms_norm(layer.post_attention_layernorm, h)
+    return h + _linear(mlp.down_proj, torch.nn.functional.silu(_linear(mlp.gate_proj, hn)) * _linear(mlp.up_proj, hn))
+
+
+def _prefix_rows(model, layer: int, memory_rows: torch.Tensor) -> torch.Tensor:
+    """[bos_l, memory rows] (bos only when the model has a learned bos_embedding)."""
+    rows = memory_rows.double()
+    if model.bos_embedding is None:
+        return rows
+    return torch.cat([model.bos_embedding[layer].double(), rows])
+
+
+@torch.no_grad()
+def ref_logits(model, ids, memory: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [T, V] (float64) of one sequence reading memory [L, N, d] in logical order (None:
+    no memory). Per layer the sequence is [bos, memory, input] at RoPE positions 0, 1, ...
+    (times the position factor); input queries see all of bos + memory and their causal past."""
+    cfg = model.config
+    ids = torch.as_tensor(ids)
+    T = len(ids)
+    h = model.model.embed_tokens.weight.double()[ids]
+    for l, layer in enumerate(model.model.layers):
+        prefix = _prefix_rows(model, l, memory[l]) if memory is not None else h[:0]
+        P = prefix.shape[0]
+        x = torch.cat([prefix, h])
+        i, j = torch.arange(P + T)[:, None], torch.arange(P + T)[None, :]
+        can_see = (j < P) | (j <= i)
+        positions = torch.arange(P + T) * ref_position_factor(cfg)
+        h = ref_layer(layer, x, positions, can_see, cfg)[P:]
+    return _linear(model.lm_head, _rms_norm(model.model.norm, h))
+
+
+@torch.no_grad()
+def ref_new_memory(model, ids, memory: torch.Tensor | None = None) -> torch.Tensor:
+    """The self-update's new memory tokens [L, k, d] (float64) for one context.
+
+    Initialised pool (memory [L, N, d], logical order): per layer [bos, memory[-K:], context]
+    with ordinary causal attention at positions 0..K+n, new_memory_positional_emb added to the
+    last K rows of the layer input; the new tokens are the layer outputs at the last K rows and
+    only the context rows go on. Empty pool (memory None): the context runs alone and the new
+    tokens are its last min(n, K) outputs."""
+    cfg = model.config
+    K = cfg.num_tokens
+    ids = torch.as_tensor(ids)
+    n = len(ids)
+    h = model.model.embed_tokens.weight.double()[ids]
+    new = []
+    for l, layer in enumerate(model.model.layers):
+        if memory is None:
+            x = h
+        else:
+            x = torch.cat([_prefix_rows(model, l, memory[l, -K:]), h])
+            x = torch.cat([x[:-K], x[-K:] + model.new_memory_positional_emb[0].double()])
+        S = x.shape[0]
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        out = ref_layer(layer, x, torch.arange(S) * ref_position_factor(cfg), causal, cfg)
+        new.append(out[-K:])
+        h = out[-n:]
+    return torch.stack(new)
+
+
+def ref_keep(generator: torch.Generator, num_layers: int, n: int, drop: int, per_layer: bool) -> torch.Tensor:
+    """Survivor indices as the releases draw them: a random permutation of the n slots, the first
+    n - drop kept, sorted; one row shared by all layers, or one per layer."""
+    rows = [torch.randperm(n, generator=generator)[: n - drop].sort().values for _ in range(num_layers if per_layer else 1)]
+    return torch.stack(rows)

@@ -51,6 +51,7 @@ class MemoryState:
     version: int = 0  # bumped on every change; keys the cached memory keys/values
     cache: object = field(default=None, repr=False, compare=False)  # memory keys/values of this version
     order: Tensor | None = None  # [L, N] int64: physical slot of each logical position
+    shares_tensors: bool = field(default=False, repr=False, compare=False)  # clone(deep=False): copy before writing
 
     def __post_init__(self) -> None:
         if self.order is None:
@@ -74,12 +75,13 @@ class MemoryState:
         return tuple(self.memory.shape)  # type: ignore[return-value]
 
     def clone(self, deep: bool = True) -> "MemoryState":
-        """A copy with its own generator. deep=False shares the tensors, which is safe for
-        self-update: it replaces them instead of writing into them."""
+        """A copy with its own generator. deep=False shares the tensors until one of the two is
+        updated (self-update writes in place, so the writer copies them first)."""
         g = torch.Generator(device="cpu")
         g.set_state(self.generator.get_state())
         mem, prov = (self.memory.clone(), self.provenance.clone()) if deep else (self.memory, self.provenance)
-        return MemoryState(mem, prov, g, self.seed, self.initialized, self.update_count, self.last_injection_id, self.model_id, self.version, order=self.order.clone())
+        self.shares_tensors = self.shares_tensors or not deep
+        return MemoryState(mem, prov, g, self.seed, self.initialized, self.update_count, self.last_injection_id, self.model_id, self.version, order=self.order.clone(), shares_tensors=not deep)
 
     def assign(self, other: "MemoryState") -> None:
         """Replace this state's contents in place (used to commit a finished update)."""
@@ -135,6 +137,8 @@ class MemoryState:
             dropped_mask.scatter_(1, keep, False)
             dropped = dropped_mask.nonzero()[:, 1].view(L, k)  # logical indices, sorted per layer
             freed = self.order.gather(1, dropped)  # their physical slots get the new tokens
+            if self.shares_tensors:  # a shallow clone's tensors: copy on first write
+                self.memory, self.provenance, self.shares_tensors = self.memory.clone(), self.provenance.clone(), False
             dev_freed = freed.to(self.memory.device)[..., None].expand(-1, -1, d)
             record = ("slots", freed, self.memory.gather(1, dev_freed), self.provenance.gather(1, freed), self.order, counters)
             self.memory.scatter_(1, dev_freed, new)
@@ -184,8 +188,8 @@ class MemoryState:
             "last_injection_id": str(self.last_injection_id),
             "model_id": self.model_id,
             "version": str(self.version),
-            "sha256": _digest(tensors),
         }
+        meta["sha256"] = _digest(tensors, meta)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -206,7 +210,7 @@ class MemoryState:
         missing = {"memory", "provenance", "generator_state"} - tensors.keys()
         if missing:
             raise MemoryStateError(f"{path}: missing tensors {sorted(missing)}")
-        if meta.get("sha256") != _digest(tensors):
+        if meta.get("sha256") != _digest(tensors, meta):
             raise MemoryStateError(f"{path}: checksum mismatch, the file is corrupted")
         mem, prov = tensors["memory"], tensors["provenance"]
         if mem.dim() != 3 or prov.shape != mem.shape[:2]:
@@ -236,8 +240,10 @@ class MemoryState:
         )
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """sha256 of the tensors and the metadata: a flipped counter or `initialized` flag is as
+    harmful as a flipped memory value."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous().cpu()
         h.update(name.encode())
