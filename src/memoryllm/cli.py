@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(memory=None, max_new_tokens=24)
+
+    from .eval.cli import add_parser as add_eval_parser  # memoryllm eval <task>
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     from .state import MemoryStateError
 
     try:
-        return COMMANDS[args.command](args)
+        return (getattr(args, "handler", None) or COMMANDS[args.command])(args)
     except (ValueError, FileNotFoundError, MemoryStateError) as e:
         print(f"memoryllm {args.command}: error: {e}", file=sys.stderr)
         return 2

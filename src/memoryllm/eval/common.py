@@ -1,0 +1,224 @@
+"""Shared plumbing of the evaluations: loading the model, prompts, batched teacher-forced
+log-likelihoods, filler texts of an exact token length, atomic result files and metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+PLAIN_QA = "Question: {question} Answer:"
+
+
+def get_lm(options: dict):
+    """The MemoryLM named by options: ``lm`` (an object), else ``model`` (a folder or None for
+    the embedded default) with optional ``num_tokens`` / ``num_blocks``."""
+    if options.get("lm") is not None:
+        return options["lm"]
+    from ..lm import load
+
+    kw = {}
+    for k in ("num_tokens", "num_blocks"):
+        if options.get(k) is not None:
+            kw[k] = int(options[k])
+    return load(options.get("model"), **kw)
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def model_info(lm) -> dict:
+    c = lm.config
+    info = {
+        "name": lm.name,
+        "model_id": lm.model_id,
+        "layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "N": c.num_memory_tokens,
+        "K": c.num_tokens,
+        "max_inject_tokens": c.max_inject_tokens,
+        "parameters_M": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 2),
+        "dtype": str(lm.model.dtype).replace("torch.", ""),
+    }
+    try:
+        from ..loading import SHIPPED_WEIGHTS
+
+        if lm.name.endswith("(embedded default)"):
+            info["trained_memory_weights"] = SHIPPED_WEIGHTS.is_file()
+    except Exception:  # pragma: no cover - loading module absent in exotic installs
+        pass
+    return info
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(), "argv": " ".join(sys.argv)}
+
+
+def format_prompt(lm, text: str, style: str) -> str:
+    """``plain``: the text as is; ``chat``: the tokenizer's chat template; ``auto``: chat when the
+    tokenizer has a template."""
+    if style == "plain":
+        return text
+    has = getattr(lm.tokenizer, "chat_template", None) is not None
+    if style == "chat" or (style == "auto" and has):
+        return lm.chat_prompt(text, True)
+    if style == "auto":
+        return text
+    raise ValueError(f"prompt style must be plain, chat or auto, got {style!r}")
+
+
+def generate(lm, memories: Sequence, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers; prompts are already formatted (no chat template is applied here)."""
+    gens = lm.generate_batch(list(memories), list(prompts), chat=False, max_new_tokens=max_new_tokens, temperature=0.0)
+    return [g.text for g in gens]
+
+
+@torch.inference_mode()
+def answer_logprobs(lm, memories: Sequence, prompts: Sequence[str], answers: Sequence[str], *, prefix_kv=None) -> list[tuple[float, int]]:
+    """Teacher-forced log P(answer | memory, prompt) per row: (sum of token log-probs, token count).
+
+    The answer is tokenised as it continues the prompt (``encode(prompt + " " + answer)`` minus
+    the prompt's tokens, falling back to encoding " answer" alone when tokenisation merges across
+    the boundary). Rows are left-padded and read their own pool's memory in one forward pass.
+    """
+    model = lm.model
+    seqs, spans = [], []
+    for p, a in zip(prompts, answers):
+        p_ids = lm.encode(p)
+        sep = "" if p.endswith((" ", "\n")) else " "
+        full = lm.encode(p + sep + a)
+        if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
+            a_ids = full[len(p_ids) :]
+        else:
+            a_ids = lm.encode(sep + a)
+        if not a_ids:
+            raise ValueError(f"answer {a!r} encodes to no tokens")
+        seqs.append(p_ids + a_ids)
+        spans.append(len(a_ids))
+    T = max(map(len, seqs))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s) :] = torch.tensor(s)
+        mask[b, T - len(s) :] = True
+    kv = prefix_kv if prefix_kv is not None else lm.prefix(list(memories))
+    dev = model.device
+    logits = model(ids.to(dev), None if bool(mask.all()) else mask.to(dev), memory=kv)
+    logp = torch.log_softmax(logits.float(), -1)
+    out = []
+    for b, n in enumerate(spans):
+        tgt = ids[b, T - n :].to(dev)
+        lp = logp[b, T - n - 1 : T - 1].gather(-1, tgt[:, None]).sum().item()
+        out.append((lp, n))
+    return out
+
+
+def cut_tokens(lm, text: str, n_tokens: int) -> str | None:
+    """A piece of ``text`` that encodes to at most ``n_tokens`` tokens (and as close as possible);
+    None when the text is too short."""
+    ids = lm.encode(text)
+    if len(ids) < n_tokens:
+        return None
+    n = n_tokens
+    for _ in range(8):
+        piece = lm.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        m = len(lm.encode(piece))
+        if m <= n_tokens:
+            return piece
+        n -= m - n_tokens
+    return lm.tokenizer.decode(ids[: max(1, n_tokens // 2)], skip_special_tokens=True)
+
+
+def filler_pool(lm, texts: Sequence[str], n_tokens: int, count: int, seed: int) -> list[str]:
+    """``count`` unrelated pieces of (at most, and nearly) ``n_tokens`` tokens: the texts, in a
+    seeded random order, are run together and cut into consecutive pieces (short news articles
+    join the next one; long Wikipedia articles give several pieces)."""
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    out: list[str] = []
+    buf = ""
+    for i in order:
+        buf += texts[i].strip() + "\n\n"
+        while len(out) < count:
+            piece = cut_tokens(lm, buf[: n_tokens * 12], n_tokens)
+            if piece is None or not piece.strip():
+                break
+            out.append(piece.strip())
+            buf = buf[len(piece) :]
+        if len(out) >= count:
+            break
+    if not out:
+        raise ValueError(f"the filler texts hold fewer than {n_tokens} tokens in all")
+    while len(out) < count:  # recycle when the corpus is too small
+        out.append(out[rng.randrange(len(out))])
+    return out[:count]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _json_default(o):
+    if isinstance(o, (torch.Tensor,)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float):
+        return o
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, default=_json_default, allow_nan=True) + "\n").encode())
+
+
+def results_path(out: str | os.PathLike | None, task: str, tag: str | None = None) -> Path:
+    """``out`` may be a folder (results/eval by default) or a .json file."""
+    if out is not None and str(out).endswith(".json"):
+        return Path(out)
+    folder = Path(out) if out is not None else Path("results") / "eval"
+    return folder / (f"{task}_{tag}.json" if tag else f"{task}.json")
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def finish(result: dict, out, task: str, tag: str | None, plotter=None) -> dict:
+    """Write the results JSON atomically (and the PNG beside it); add their paths to ``result``."""
+    path = results_path(out, task, tag)
+    write_json(path, result)
+    result["json_path"] = str(path)
+    if plotter is not None:
+        result["png_path"] = str(plotter(result, path.with_suffix(".png")))
+    return result

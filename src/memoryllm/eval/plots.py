@@ -1,0 +1,137 @@
+"""PNG plots of the evaluation results (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .common import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _subtitle(res: dict) -> str:
+    m = res.get("model", {})
+    trained = m.get("trained_memory_weights")
+    note = "" if trained is None else ("" if trained else ", memory weights UNTRAINED")
+    return f"{m.get('name', '?')} (N={m.get('N')}, K={m.get('K')}{note})"
+
+
+def plot_retention(res: dict, path) -> Path:
+    steps = res["steps"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    acc = [s["hit"]["mean"] for s in steps]
+    lo = [s["hit"]["ci95"][0] for s in steps]
+    hi = [s["hit"]["ci95"][1] for s in steps]
+    t = [s["step"] for s in steps]
+    ax.plot(t, acc, "o-", label="MemoryLLM (hit rate)")
+    ax.fill_between(t, lo, hi, alpha=0.2)
+    ax.axhline(res["no_context"]["hit"]["mean"], color="gray", ls="--", label="no context (a_b)")
+    if res.get("context_in_prompt"):
+        ax.axhline(res["context_in_prompt"]["hit"]["mean"], color="green", ls=":", label="context in prompt")
+    ax.plot(t, res["theory"]["eq5"], "r-.", label=f"Eq. 5 ((N-K)/N)^(t-1), N={res['model']['N']}, K={res['model']['K']}")
+    ax.set_xlabel("step (context injected at step 1, one unrelated context per later step)")
+    ax.set_ylabel("hit rate (answer in 10 generated tokens)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Retention: {res['dataset']} ({res['rows']} rows)", fontsize=9)
+    ax = axes[1]
+    ll = [s["answer_logprob"]["mean"] for s in steps]
+    ax.plot(t, ll, "o-", label="MemoryLLM")
+    ax.fill_between(t, [s["answer_logprob"]["ci95"][0] for s in steps], [s["answer_logprob"]["ci95"][1] for s in steps], alpha=0.2)
+    ax.axhline(res["no_context"]["answer_logprob"]["mean"], color="gray", ls="--", label="no context")
+    if res.get("context_in_prompt"):
+        ax.axhline(res["context_in_prompt"]["answer_logprob"]["mean"], color="green", ls=":", label="context in prompt")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean log P(answer tokens) per token (teacher-forced)")
+    ax.legend(fontsize=7)
+    ax.set_title(_subtitle(res), fontsize=9)
+    return _save(fig, path)
+
+
+def plot_integrity(res: dict, path) -> Path:
+    c = res["curve"]
+    h = res["health"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    if c["updates"]:
+        ax.plot(c["updates"], c["window_accuracy"], "-", label=f"accuracy, last {res['options']['window']} contexts")
+    ax.set_xlabel("updates")
+    ax.set_ylabel("accuracy on the most recent context")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Integrity: {res['dataset']}, {res['progress']['updates']} updates", fontsize=9)
+    ax = axes[1]
+    if h:
+        xs = [r["updates"] for r in h]
+        norms = list(zip(*[r["layer_norm"] for r in h]))
+        for li in sorted({0, len(norms) // 2, len(norms) - 1}):
+            ax.plot(xs, norms[li], label=f"layer {li}")
+        ax.plot(xs, [r["mean_norm"] for r in h], "k--", label="mean over layers")
+        bad = [r["updates"] for r in h if r["nonfinite"]]
+        for b in bad:
+            ax.axvline(b, color="red", alpha=0.3)
+    ax.set_xlabel("updates")
+    ax.set_ylabel("mean L2 norm of memory tokens")
+    ax.legend(fontsize=7)
+    ax.set_title("memory health (red lines: NaN/Inf found)", fontsize=9)
+    ax = axes[2]
+    if h:
+        ax.plot([r["updates"] for r in h], [r["drift"] for r in h], "-", label="relative change since last check")
+        ax.plot([r["updates"] for r in h], [r["replaced_since_start"] for r in h], ":", label="fraction of slots rewritten since start")
+    ax.set_xlabel("updates")
+    ax.set_ylabel("drift")
+    ax.legend(fontsize=7)
+    ax.set_title(_subtitle(res), fontsize=9)
+    return _save(fig, path)
+
+
+def plot_editing(res: dict, path) -> Path:
+    methods = list(res["methods"])
+    metrics = ["efficacy", "generalization", "specificity", "score"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for ax, kind in zip(axes, ("generation", "probability")):
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            vals = [res["methods"][m][kind][k]["mean"] if k != "score" else res["methods"][m][kind]["score"] for k in metrics]
+            ax.bar([j + i * width for j in range(len(metrics))], vals, width, label=m)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))])
+        ax.set_xticklabels(metrics)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"editing ({kind}: {'answer generated' if kind == 'generation' else 'P(new) > P(old)'}), {res['edits']} edits", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle(_subtitle(res), fontsize=9)
+    return _save(fig, path)
+
+
+def plot_longqa(res: dict, path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    lengths = res["options"]["lengths"]
+    for m, by_len in res["methods"].items():
+        xs = [L for L in lengths if str(L) in by_len]
+        axes[0].errorbar(xs, [by_len[str(L)]["f1"]["mean"] for L in xs], yerr=[[by_len[str(L)]["f1"]["mean"] - by_len[str(L)]["f1"]["ci95"][0] for L in xs], [by_len[str(L)]["f1"]["ci95"][1] - by_len[str(L)]["f1"]["mean"] for L in xs]], marker="o", capsize=3, label=m)
+        axes[1].plot(xs, [res["timing"]["seconds_per_question"][m][str(L)] for L in xs], "o-", label=m)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([f"{L // 1024}k" if L >= 1024 else str(L) for L in lengths])
+        ax.set_xlabel("document length (tokens)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("LongBench QA F1")
+    axes[0].set_title(f"long-context QA: {res['dataset']} ({res['questions']} questions per length)", fontsize=9)
+    axes[1].set_ylabel("seconds per question")
+    axes[1].set_title(_subtitle(res), fontsize=9)
+    return _save(fig, path)
