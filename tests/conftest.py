@@ -219,3 +219,24 @@ def ref_keep(generator: torch.Generator, num_layers: int, n: int, drop: int, per
     n - drop kept, sorted; one row shared by all layers, or one per layer."""
     rows = [torch.randperm(n, generator=generator)[: n - drop].sort().values for _ in range(num_layers if per_layer else 1)]
     return torch.stack(rows)
+
+
+def hf_twin(model, kind: str):
+    """transformers' LlamaForCausalLM / Qwen2ForCausalLM holding the same weights."""
+    import transformers
+
+    cfg = model.config
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+    )
+    if kind == "qwen2":
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert missing == []  # every HF weight comes from our model
+    assert set(unexpected) <= {"memory", "initialized", "bos_embedding", "new_memory_positional_emb"}
+    return hf.eval()

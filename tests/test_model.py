@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tokenizer, ref_keep, ref_logits, ref_new_memory, ref_position_factor, tiny_model
+from conftest import hf_twin, make_tokenizer, ref_keep, ref_logits, ref_new_memory, ref_position_factor, tiny_model
 
 from memoryllm.model import tile_to, update_pool
 
@@ -36,27 +36,6 @@ def random_pool(model, seed: int, batch: int | None = None) -> torch.Tensor:
     shape = (cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(((batch,) if batch else ()) + shape, generator=g)
-
-
-def hf_twin(model, kind: str):
-    """transformers' LlamaForCausalLM / Qwen2ForCausalLM holding the same weights."""
-    import transformers
-
-    cfg = model.config
-    common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
-    )
-    if kind == "qwen2":
-        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    else:
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert missing == []  # every HF weight comes from our model
-    assert set(unexpected) <= {"memory", "initialized", "bos_embedding", "new_memory_positional_emb"}
-    return hf.eval()
 
 
 # --------------------------------------------------------------------------------------------

@@ -129,8 +129,9 @@ class MemoryLM:
         """Split into near-equal chunks of at most max_inject_tokens (so no tiny last chunk)."""
         limit = self.config.max_inject_tokens
         n = max(1, math.ceil(len(ids) / limit))
-        size = math.ceil(len(ids) / n)
-        return [ids[i : i + size] for i in range(0, len(ids), size)]
+        size, extra = divmod(len(ids), n)  # the first `extra` chunks get one token more
+        bounds = [i * size + min(i, extra) for i in range(n + 1)]
+        return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def _tokens_for_injection(self, text: str, allow_short: bool) -> list[int]:
         if not isinstance(text, str):
@@ -160,11 +161,13 @@ class MemoryLM:
             raise InjectionError(f"{len(states)} memories but {len(texts)} texts")
         if len({id(s) for s in states}) != len(states):
             raise InjectionError("the same memory appears twice in one batch; inject its texts in sequence")
-        ids_given = [injection_id] if single or injection_id is None or isinstance(injection_id, int) else list(injection_id)
+        ids_given = [injection_id] * len(states) if injection_id is None or isinstance(injection_id, int) else list(injection_id)
+        if len(ids_given) != len(states):
+            raise InjectionError(f"{len(states)} memories but {len(ids_given)} injection ids")
         for s in states:
             self._check_state(s)
         chunks = [self.chunk(self._tokens_for_injection(t, allow_short)) for t in texts]
-        new_ids = [s.last_injection_id + 1 if ids_given[0] is None else int(ids_given[i]) for i, s in enumerate(states)]
+        new_ids = [s.last_injection_id + 1 if ids_given[i] is None else int(ids_given[i]) for i, s in enumerate(states)]
 
         start = time.perf_counter()
         rounds = max(len(c) for c in chunks)
@@ -177,7 +180,7 @@ class MemoryLM:
         try:
             for r in range(rounds):
                 rows = [i for i, c in enumerate(chunks) if r < len(c)]
-                undo += self._update([states[i] for i in rows], [chunks[i][r] for i in rows], [new_ids[i] for i in rows])
+                self._update([states[i] for i in rows], [chunks[i][r] for i in rows], [new_ids[i] for i in rows], undo)
                 if bar is not None:
                     bar.update(len(rows))
         except BaseException:
@@ -194,8 +197,10 @@ class MemoryLM:
             results.append(InjectResult(i, sum(map(len, c)), len(c), seconds))
         return results[0] if single else results
 
-    def _update(self, states: list[MemoryState], chunk_ids: list[list[int]], injection_ids: list[int]) -> list[tuple[MemoryState, tuple]]:
-        """One self-update of each pool, in place. Returns undo records."""
+    def _update(self, states: list[MemoryState], chunk_ids: list[list[int]], injection_ids: list[int], undo: list | None = None) -> list[tuple[MemoryState, tuple]]:
+        """One self-update of each pool, in place. Each write's undo record is appended to `undo`
+        (returned) as soon as it is made, so a failure part-way through a round is undone too."""
+        undo = [] if undo is None else undo
         cfg, dev = self.config, self.model.device
         T = max(map(len, chunk_ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -208,11 +213,10 @@ class MemoryLM:
         tails = torch.stack([s.tail(cfg.num_tokens) for s in states])
         new_tokens, count = self.model.new_memory_tokens(tails, init.to(dev), input_ids.to(dev), mask.to(dev))
         count = count.cpu()
-        records = []
         for b, s in enumerate(states):
             new = new_tokens[b, :, cfg.num_tokens - int(count[b]) :]
-            records.append((s, s.write_update_(new, injection_ids[b], cfg.drop_memory_per_layer)))
-        return records
+            undo.append((s, s.write_update_(new, injection_ids[b], cfg.drop_memory_per_layer)))
+        return undo
 
     def _check_state(self, s: MemoryState) -> None:
         c = self.config

@@ -301,7 +301,9 @@ def _init_memory_part(model: MemoryLLM, name: str) -> None:
     """The values MemoryLLM.__init__ gives the parts a base-model folder does not have."""
     t = getattr(model, name)
     if name == "bos_embedding":
-        t.copy_(torch.randn(t.shape) * 0.02)
+        # Seeded: every load must give the same values, or the model id (a fingerprint of the
+        # weights, bos included) changes and memory files saved earlier no longer load.
+        t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(0)) * 0.02)
     else:  # new_memory_positional_emb, memory, initialized start at zero
         t.zero_()
 
