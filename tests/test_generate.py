@@ -1,0 +1,223 @@
+"""Generation: the KV-cache decode against full forward passes, greedy decoding against a plain
+argmax loop, stop strings, streaming, sampling and its parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS, make_tokenizer, tiny_lm, tiny_model
+
+from memoryllm.generate import SamplingParams, TextStream, sample_next
+from memoryllm.model import KVCache
+
+torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shared CPU
+
+TIGHT = dict(rtol=1e-5, atol=1e-5)  # the same float32 maths, summed in another order
+PROMPTS = ["Where does Alice live?", "The meeting was moved to", "Numbers like 42"]
+
+
+def filled(lm, seed: int = 0, texts=CORPUS[:2]):
+    mem = lm.new_memory(seed=seed)
+    for t in texts:
+        lm.inject(mem, t)
+    return mem
+
+
+def argmax_loop(lm, memory, prompt: str, steps: int) -> list[int]:
+    """Greedy decoding the slow way: a full forward over the whole sequence for every token."""
+    ids = lm.encode(prompt)
+    pool = None if memory is None else memory.logical_memory()[None]
+    eos = {lm.config.eos_token_id, lm.tokenizer.eos_token_id}
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(lm.model(torch.tensor([ids + out]), memory=pool)[0, -1].argmax())
+            if token in eos:
+                break
+            out.append(token)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The KV cache
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["all-read-memory", "padded-and-mixed", "no-memory"])
+@torch.no_grad()
+def test_kv_cache_decoding_equals_a_full_forward_at_every_step(case):
+    model = tiny_model(seed=1)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    pools = torch.randn(3, cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (3, 6), generator=g)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    prefix = model.memory_prefix(pools, True)
+    if case == "padded-and-mixed":  # rows of 6, 4 and 1 tokens; the last row's pool is empty
+        mask[1, :2] = mask[2, :5] = False
+        prefix = model.memory_prefix(pools, torch.tensor([True, True, False]))
+    elif case == "no-memory":
+        prefix = None
+    steps = 5
+    cache = KVCache(prefix, 3, 6 + steps, cfg, ids.device, model.dtype)
+    logits = model(ids, mask, cache=cache)
+    torch.testing.assert_close(logits, model(ids, mask, memory=prefix), **TIGHT)
+    for _ in range(steps):
+        token = logits[:, -1].argmax(-1)
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(3, 1, dtype=torch.bool)], 1)
+        logits = model(token[:, None], cache=cache)
+        torch.testing.assert_close(logits[:, -1], model(ids, mask, memory=prefix)[:, -1], **TIGHT)
+
+
+def test_kv_cache_capacity_is_enforced():
+    model = tiny_model()
+    cache = KVCache(None, 1, 4, model.config, "cpu", model.dtype)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="capacity 4 exceeded"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+# --------------------------------------------------------------------------------------------
+# generate / stream
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_memory", [True, False])
+def test_greedy_generate_equals_an_argmax_loop_over_full_forwards(with_memory):
+    lm = tiny_lm(seed=2)
+    mem = filled(lm) if with_memory else None
+    for prompt in PROMPTS:
+        expected = argmax_loop(lm, mem, prompt, 10)
+        got = lm.generate(mem, prompt, chat=False, max_new_tokens=10)
+        assert got.token_ids == expected and expected
+        # the text is the tokens' text, less a multi-byte character still incomplete at the end
+        assert got.text == lm.tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
+        assert got.prompt_tokens == len(lm.encode(prompt))
+        assert got.finish_reason == ("length" if len(expected) == 10 else "stop")
+
+
+def test_eos_ends_a_row_and_is_not_emitted():
+    lm = tiny_lm(seed=2)
+    mem = filled(lm)
+    full = lm.generate(mem, PROMPTS[0], chat=False, max_new_tokens=10).token_ids
+    other = lm.generate(mem, PROMPTS[1], chat=False, max_new_tokens=10)
+    i = next(i for i in range(1, len(full)) if full[i] not in full[:i])
+    lm.config.eos_token_id = full[i]  # make the i-th greedy token an end-of-sequence token
+    got = lm.generate(mem, PROMPTS[0], chat=False, max_new_tokens=10)
+    assert got.token_ids == full[:i] and got.finish_reason == "stop"
+    # in a batch the other row keeps going (up to its own first eos, if any)
+    stop_at = other.token_ids.index(full[i]) if full[i] in other.token_ids else len(other.token_ids)
+    batch = lm.generate_batch([mem, mem], PROMPTS[:2], chat=False, max_new_tokens=10)
+    assert batch[0].token_ids == full[:i] and batch[1].token_ids == other.token_ids[:stop_at]
+
+
+def test_stop_strings_end_generation_and_are_never_emitted():
+    lm = tiny_lm(seed=3)
+    mem = filled(lm)
+    full = lm.generate(mem, PROMPTS[0], chat=False, max_new_tokens=24).text
+    assert len(full) > 12
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.find(stop)]
+    got = lm.generate(mem, PROMPTS[0], chat=False, max_new_tokens=24, stop=[stop, "never appears"])
+    assert got.text == expected and got.finish_reason == "stop"
+    pieces = list(lm.stream(mem, PROMPTS[0], chat=False, max_new_tokens=24, stop=stop))
+    assert "".join(pieces) == expected
+    shown = ""
+    for piece in pieces:  # text once shown is never taken back
+        shown += piece
+        assert expected.startswith(shown)
+
+
+def test_text_stream_holds_back_a_possible_stop_string_across_tokens():
+    tok = make_tokenizer()
+    ids = tok("Paris is the capital of France", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok, ["s the c"])
+    shown = ""
+    for i in ids:
+        shown += stream.push(i)
+        assert "s the c" not in shown and "Paris i".startswith(shown[: len("Paris i")])
+    shown += stream.finish()
+    assert stream.stopped and stream.text == shown == "Paris i"
+
+
+@pytest.mark.parametrize("chat", [None, False])
+def test_stream_concatenation_equals_generate_text(chat):
+    lm = tiny_lm(seed=4)
+    for mem in (filled(lm), None):
+        for prompt in PROMPTS:
+            text = lm.generate(mem, prompt, chat=chat, max_new_tokens=16).text
+            assert "".join(lm.stream(mem, prompt, chat=chat, max_new_tokens=16)) == text
+
+
+def test_chat_messages_equal_the_templated_string_prompt():
+    lm = tiny_lm()
+    as_messages = lm.generate(None, [{"role": "user", "content": PROMPTS[0]}], max_new_tokens=6)
+    as_string = lm.generate(None, PROMPTS[0], max_new_tokens=6)  # chat=None: template applied
+    assert as_messages.token_ids == as_string.token_ids
+    assert as_string.prompt_tokens > len(lm.encode(PROMPTS[0]))
+
+
+def test_zero_new_tokens_and_empty_prompts():
+    lm = tiny_lm()
+    got = lm.generate(None, PROMPTS[0], chat=False, max_new_tokens=0)
+    assert (got.text, got.token_ids, got.finish_reason) == ("", [], "length")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        lm.generate(None, "", chat=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def test_sampling_with_a_seed_is_reproducible():
+    lm = tiny_lm(seed=5)
+    mem = filled(lm)
+
+    def sample(**kw):
+        return lm.generate(mem, PROMPTS[0], chat=False, max_new_tokens=16, temperature=1.5, **kw).token_ids
+
+    assert sample(seed=1) == sample(seed=1)
+    assert sample(seed=1) != sample(seed=2)
+    # keeping a single candidate is greedy decoding, whatever the temperature
+    greedy = lm.generate(mem, PROMPTS[0], chat=False, max_new_tokens=16).token_ids
+    assert sample(seed=3, top_k=1) == greedy
+    assert sample(seed=3, top_p=1e-9) == greedy
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+
+    def draws(**kw):
+        params = SamplingParams(temperature=1.0, **kw)
+        return {int(sample_next(logits, params, g)) for _ in range(300)}
+
+    assert draws() == {0, 1, 2, 3}
+    assert draws(top_k=2) == {1, 3}
+    # top_p keeps a token while the mass before it is below top_p: 0 < 0.7, 0.5 < 0.7, 0.8 >= 0.7
+    assert draws(top_p=0.7) == {1, 3}
+    assert draws(top_p=0.85) == {1, 3, 2}
+    assert int(sample_next(logits, SamplingParams(), None)) == 1  # temperature 0: argmax
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-2), "top_k must be >= 0"),
+        (dict(stop=["ok", ""]), "stop strings must be non-empty"),
+    ],
+)
+def test_bad_sampling_parameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match=message):  # through the public API, before any work
+        tiny_lm().generate(None, PROMPTS[0], **kwargs)
+
+
+def test_a_single_stop_string_may_be_given_as_str():
+    assert SamplingParams(stop="END").stop == ["END"]
