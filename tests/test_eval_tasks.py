@@ -66,6 +66,10 @@ def test_retention_end_to_end_and_deterministic(data, tmp_path):
     assert all(len(r["hits"]) == 4 for r in on_disk["per_row"])
     b = run("retention", lm=tiny_lm(), out=tmp_path / "b", **opts)
     assert _strip(a) == _strip(b)
+    from memoryllm.eval.report import render
+
+    md = render(tmp_path / "a")
+    assert "### Retention: toy_qa (5 rows, 4 steps" in md and "| 4 |" in md and ".png)" in md
 
 
 def test_integrity_resumes(data, tmp_path):

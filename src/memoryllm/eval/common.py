@@ -25,6 +25,9 @@ def get_lm(options: dict):
         return options["lm"]
     from ..lm import load
 
+    # An untrained default has a randomly initialised bos_embedding: seed torch so that every
+    # evaluation (and a resumed integrity run) sees the same model.
+    torch.manual_seed(0)
     kw = {}
     for k in ("num_tokens", "num_blocks"):
         if options.get(k) is not None:

@@ -112,7 +112,7 @@ def run_integrity(
     rows = [r for r in load_qa(dataset, shuffle=False) if not max_answer_tokens or len(lm.encode(" " + r["answer"])) <= max_answer_tokens]
     if not rows:
         raise ValueError(f"{dataset}: no usable rows")
-    workdir = Path(workdir) if workdir else Path(".memoryllm-eval") / f"integrity_{Path(str(dataset)).stem}_seed{seed}"
+    workdir = Path(workdir) if workdir else Path("runs") / "eval" / f"integrity_{Path(str(dataset)).stem}_seed{seed}"
     workdir.mkdir(parents=True, exist_ok=True)
     ident = {"dataset": str(dataset), "seed": seed, "model_id": lm.model_id, "rows": len(rows), "prompt": prompt, "max_new_tokens": max_new_tokens, "eval_every": eval_every, "max_answer_tokens": max_answer_tokens}
     state = None
