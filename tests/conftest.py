@@ -240,3 +240,31 @@ def hf_twin(model, kind: str):
     assert missing == []  # every HF weight comes from our model
     assert set(unexpected) <= {"memory", "initialized", "bos_embedding", "new_memory_positional_emb"}
     return hf.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Memory pools for the core tests
+# --------------------------------------------------------------------------------------------
+
+
+def filled_memory(lm, seed: int = 0, texts=tuple(CORPUS[:2])):
+    """A pool of `lm` after injecting `texts` in order (each one or two chunks on tiny models)."""
+    mem = lm.new_memory(seed=seed)
+    for t in texts:
+        lm.inject(mem, t)
+    return mem
+
+
+def pool_snapshot(state) -> dict:
+    """Everything a MemoryState holds, its physical layout included, as independent copies."""
+    return dict(
+        memory=state.memory.clone(), provenance=state.provenance.clone(), order=state.order.clone(),
+        generator=state.generator.get_state(),
+        counters=(state.initialized, state.update_count, state.version, state.last_injection_id),
+    )
+
+
+def assert_same_snapshot(a: dict, b: dict) -> None:
+    for key in ("memory", "provenance", "order", "generator"):
+        assert torch.equal(a[key], b[key]), key
+    assert a["counters"] == b["counters"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CORPUS, make_tokenizer, tiny_lm, tiny_model
+from conftest import filled_memory, make_tokenizer, tiny_lm, tiny_model
 
 from memoryllm.generate import SamplingParams, TextStream, sample_next
 from memoryllm.model import KVCache
@@ -14,13 +14,6 @@ torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shar
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)  # the same float32 maths, summed in another order
 PROMPTS = ["Where does Alice live?", "The meeting was moved to", "Numbers like 42"]
-
-
-def filled(lm, seed: int = 0, texts=CORPUS[:2]):
-    mem = lm.new_memory(seed=seed)
-    for t in texts:
-        lm.inject(mem, t)
-    return mem
 
 
 def argmax_loop(lm, memory, prompt: str, steps: int) -> list[int]:
@@ -84,7 +77,7 @@ def test_kv_cache_capacity_is_enforced():
 @pytest.mark.parametrize("with_memory", [True, False])
 def test_greedy_generate_equals_an_argmax_loop_over_full_forwards(with_memory):
     lm = tiny_lm(seed=2)
-    mem = filled(lm) if with_memory else None
+    mem = filled_memory(lm) if with_memory else None
     for prompt in PROMPTS:
         expected = argmax_loop(lm, mem, prompt, 10)
         got = lm.generate(mem, prompt, chat=False, max_new_tokens=10)
@@ -97,7 +90,7 @@ def test_greedy_generate_equals_an_argmax_loop_over_full_forwards(with_memory):
 
 def test_eos_ends_a_row_and_is_not_emitted():
     lm = tiny_lm(seed=2)
-    mem = filled(lm)
+    mem = filled_memory(lm)
     full = lm.generate(mem, PROMPTS[0], chat=False, max_new_tokens=10).token_ids
     other = lm.generate(mem, PROMPTS[1], chat=False, max_new_tokens=10)
     i = next(i for i in range(1, len(full)) if full[i] not in full[:i])
@@ -112,7 +105,7 @@ def test_eos_ends_a_row_and_is_not_emitted():
 
 def test_stop_strings_end_generation_and_are_never_emitted():
     lm = tiny_lm(seed=3)
-    mem = filled(lm)
+    mem = filled_memory(lm)
     full = lm.generate(mem, PROMPTS[0], chat=False, max_new_tokens=24).text
     assert len(full) > 12
     stop = full[len(full) // 2 : len(full) // 2 + 3]
@@ -142,7 +135,7 @@ def test_text_stream_holds_back_a_possible_stop_string_across_tokens():
 @pytest.mark.parametrize("chat", [None, False])
 def test_stream_concatenation_equals_generate_text(chat):
     lm = tiny_lm(seed=4)
-    for mem in (filled(lm), None):
+    for mem in (filled_memory(lm), None):
         for prompt in PROMPTS:
             text = lm.generate(mem, prompt, chat=chat, max_new_tokens=16).text
             assert "".join(lm.stream(mem, prompt, chat=chat, max_new_tokens=16)) == text
@@ -171,7 +164,7 @@ def test_zero_new_tokens_and_empty_prompts():
 
 def test_sampling_with_a_seed_is_reproducible():
     lm = tiny_lm(seed=5)
-    mem = filled(lm)
+    mem = filled_memory(lm)
 
     def sample(**kw):
         return lm.generate(mem, PROMPTS[0], chat=False, max_new_tokens=16, temperature=1.5, **kw).token_ids

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import CORPUS, ref_keep, ref_new_memory, tiny_lm
+from conftest import CORPUS, assert_same_snapshot, filled_memory, pool_snapshot, ref_keep, ref_new_memory, tiny_lm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,27 +24,8 @@ SHORT = "the fox"  # 5 tokens: at least min_inject_tokens (4), fewer than K (8),
 LONG = " ".join(CORPUS)  # ~240 tokens: 8 chunks of at most 32
 
 
-def snapshot(state: MemoryState) -> dict:
-    """Everything a pool holds, its physical layout included."""
-    return dict(
-        memory=state.memory.clone(), provenance=state.provenance.clone(), order=state.order.clone(),
-        generator=state.generator.get_state(),
-        counters=(state.initialized, state.update_count, state.version, state.last_injection_id),
-    )
-
-
 def assert_unchanged(state: MemoryState, before: dict) -> None:
-    after = snapshot(state)
-    for key in ("memory", "provenance", "order", "generator"):
-        assert torch.equal(after[key], before[key]), key
-    assert after["counters"] == before["counters"]
-
-
-def filled(lm, seed: int, texts=CORPUS[:2]) -> MemoryState:
-    mem = lm.new_memory(seed=seed)
-    for t in texts:
-        lm.inject(mem, t)
-    return mem
+    assert_same_snapshot(pool_snapshot(state), before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +109,7 @@ def test_chunks_are_near_equal_and_in_order(n, limit):
 
 def test_same_injections_from_the_same_seed_give_a_bit_identical_pool():
     lm = tiny_lm()
-    a, b, c = filled(lm, seed=11), filled(lm, seed=11), filled(lm, seed=12)
+    a, b, c = filled_memory(lm, seed=11), filled_memory(lm, seed=11), filled_memory(lm, seed=12)
     assert a.equal(b)
     assert torch.equal(a.logical_memory(), b.logical_memory())
     assert not torch.equal(a.logical_memory(), c.logical_memory())  # other drops
@@ -137,7 +118,7 @@ def test_same_injections_from_the_same_seed_give_a_bit_identical_pool():
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_drop_is_shared_or_per_layer(per_layer):
     lm = tiny_lm(drop_memory_per_layer=per_layer)
-    mem = filled(lm, seed=3, texts=CORPUS[:3])
+    mem = filled_memory(lm, seed=3, texts=CORPUS[:3])
     prov = mem.logical_provenance()
     # with a shared drop every layer keeps the same logical slots, hence the same provenance
     assert torch.equal(prov[0], prov[1]) != per_layer
@@ -160,7 +141,7 @@ def test_injection_ids_are_recorded():
 
 def test_batched_inject_equals_separate_injections():
     lm = tiny_lm(seed=3)
-    pools = [lm.new_memory(seed=1), filled(lm, 2, CORPUS[:1]), filled(lm, 3, CORPUS[1:3])]
+    pools = [lm.new_memory(seed=1), filled_memory(lm, 2, CORPUS[:1]), filled_memory(lm, 3, CORPUS[1:3])]
     texts = [LONG, SHORT, CORPUS[4]]  # 8, 1 and 2 chunks: rows drop out of later rounds
     separate = [p.clone() for p in pools]
     for p, t in zip(separate, texts):
@@ -184,7 +165,7 @@ def test_batched_inject_with_one_injection_id_for_all():
 
 def test_generate_batch_equals_separate_generate_calls():
     lm = tiny_lm(seed=4)
-    memories = [filled(lm, 1), None, lm.new_memory(), filled(lm, 2, CORPUS[3:5])]
+    memories = [filled_memory(lm, 1), None, lm.new_memory(), filled_memory(lm, 2, CORPUS[3:5])]
     prompts = ["Where does Alice live?", "hello world", "Paris is", "When is the meeting moved to Thursday?"]
     for chat in (False, None):  # plain prompts, then the tokenizer's chat template
         batch = lm.generate_batch(memories, prompts, chat=chat, max_new_tokens=8)
@@ -196,7 +177,7 @@ def test_generate_batch_equals_separate_generate_calls():
 
 def test_memory_prefix_is_computed_once_per_version(monkeypatch):
     lm = tiny_lm()
-    mem = filled(lm, 1)
+    mem = filled_memory(lm, 1)
     calls = []
     real = lm.model.memory_prefix
     monkeypatch.setattr(lm.model, "memory_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -239,15 +220,15 @@ def test_memory_prefix_is_computed_once_per_version(monkeypatch):
 )
 def test_bad_text_is_refused_and_the_pool_is_unchanged(text, message):
     lm = tiny_lm()
-    mem = filled(lm, 1)
-    before, copy = snapshot(mem), mem.clone()
+    mem = filled_memory(lm, 1)
+    before, copy = pool_snapshot(mem), mem.clone()
     with pytest.raises(InjectionError, match=message):
         lm.inject(mem, text)
     assert mem.equal(copy)
     assert_unchanged(mem, before)
     # in a batch, one bad text stops the whole batch before anything is written
-    other = filled(lm, 2)
-    other_before = snapshot(other)
+    other = filled_memory(lm, 2)
+    other_before = pool_snapshot(other)
     with pytest.raises(InjectionError, match=message):
         lm.inject([other, mem], [CORPUS[3], text])
     assert_unchanged(other, other_before)
@@ -295,8 +276,8 @@ def run_and_fail_on_call(monkeypatch, target, name: str, fail_on: int, exc: Base
 @pytest.mark.parametrize("exc", [RuntimeError("out of memory"), KeyboardInterrupt()], ids=["error", "interrupt"])
 def test_failure_in_the_second_round_restores_every_pool(monkeypatch, exc):
     lm = tiny_lm()
-    pools = [lm.new_memory(seed=1), filled(lm, 2), filled(lm, 3)]
-    before = [snapshot(p) for p in pools]
+    pools = [lm.new_memory(seed=1), filled_memory(lm, 2), filled_memory(lm, 3)]
+    before = [pool_snapshot(p) for p in pools]
     expected = [p.clone() for p in pools]
     texts = [LONG, CORPUS[4], CORPUS[5]]  # every pool gets two chunks or more
     calls = run_and_fail_on_call(monkeypatch, lm.model, "new_memory_tokens", 2, exc)
@@ -315,8 +296,8 @@ def test_failure_in_the_second_round_restores_every_pool(monkeypatch, exc):
 
 def test_failure_while_writing_the_second_pool_of_a_round_restores_the_first(monkeypatch):
     lm = tiny_lm()
-    pools = [filled(lm, 2), filled(lm, 3)]
-    before = [snapshot(p) for p in pools]
+    pools = [filled_memory(lm, 2), filled_memory(lm, 3)]
+    before = [pool_snapshot(p) for p in pools]
     run_and_fail_on_call(monkeypatch, MemoryState, "write_update_", 2, RuntimeError("disk gone"))
     with pytest.raises(RuntimeError, match="disk gone"):
         lm.inject(pools, [SHORT, SHORT])

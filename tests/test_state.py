@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from conftest import ref_keep, tiny_lm
+from conftest import assert_same_snapshot, pool_snapshot, ref_keep, tiny_lm
 from safetensors.torch import save_file
 
 from memoryllm import MemoryState, MemoryStateError, update_pool
@@ -28,20 +28,6 @@ def updated_state(updates: int = 3, seed: int = 5, per_layer: bool = True) -> Me
     for i in range(updates):
         state.write_update_(rows(100 + i), injection_id=i + 1, per_layer_drop=per_layer)
     return state
-
-
-def snapshot(state: MemoryState) -> dict:
-    """Everything a state holds, physical layout included, as independent copies."""
-    return dict(
-        memory=state.memory.clone(), provenance=state.provenance.clone(), order=state.order.clone(),
-        generator=state.generator.get_state(), counters=(state.initialized, state.update_count, state.version, state.last_injection_id),
-    )
-
-
-def assert_same_snapshot(a: dict, b: dict) -> None:
-    for key in ("memory", "provenance", "order", "generator"):
-        assert torch.equal(a[key], b[key]), key
-    assert a["counters"] == b["counters"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,12 +98,12 @@ def test_draw_keep_indices_are_sorted_unique_and_follow_the_generator():
 @pytest.mark.parametrize("start_updates", [0, 2], ids=["from-empty", "from-filled"])
 def test_undo_restores_every_bit(start_updates):
     state = updated_state(start_updates)
-    before = snapshot(state)
+    before = pool_snapshot(state)
     records = [state.write_update_(rows(50 + i), injection_id=9) for i in range(3)]
     assert not torch.equal(state.logical_memory(), before["memory"])
     for record in reversed(records):
         state.undo_(record)
-    assert_same_snapshot(snapshot(state), before)
+    assert_same_snapshot(pool_snapshot(state), before)
     assert state.cache is None
 
 
@@ -127,7 +113,7 @@ def test_deep_clone_is_independent():
     assert copy.equal(state)
     copy.write_update_(rows(60), injection_id=7)
     assert not copy.equal(state)
-    assert_same_snapshot(snapshot(state), snapshot(updated_state(2)))
+    assert_same_snapshot(pool_snapshot(state), pool_snapshot(updated_state(2)))
 
 
 def test_shallow_clone_is_safe_to_update():
@@ -136,7 +122,7 @@ def test_shallow_clone_is_safe_to_update():
     state = updated_state(2)
     shallow = state.clone(deep=False)
     shallow.write_update_(rows(61), injection_id=7)
-    assert_same_snapshot(snapshot(state), snapshot(updated_state(2)))
+    assert_same_snapshot(pool_snapshot(state), pool_snapshot(updated_state(2)))
     state.write_update_(rows(62), injection_id=8)
     expected = updated_state(2)
     expected.write_update_(rows(61), injection_id=7)
