@@ -62,6 +62,17 @@ def test_inject_from_a_file_equals_inject_from_the_command_line(capsys, tmp_path
     assert lm.load_memory(tmp_path / "a.safetensors").equal(lm.load_memory(tmp_path / "b.safetensors"))
 
 
+def test_inject_reads_stdin_with_file_dash(capsys, tmp_path, checkpoint, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode("utf-8"))))
+    assert run(capsys, "inject", "--file", "-", "--model", checkpoint, "--memory", str(tmp_path / "a.safetensors"))[0] == 0
+    assert run(capsys, "inject", TEXT, "--model", checkpoint, "--memory", str(tmp_path / "b.safetensors"))[0] == 0
+    lm = load(checkpoint)
+    assert lm.load_memory(tmp_path / "a.safetensors").equal(lm.load_memory(tmp_path / "b.safetensors"))
+
+
 def test_invalid_utf8_file_is_refused_and_the_memory_file_is_untouched(capsys, tmp_path, checkpoint):
     memory = tmp_path / "m.safetensors"
     assert run(capsys, "inject", TEXT, "--model", checkpoint, "--memory", str(memory))[0] == 0
@@ -104,6 +115,39 @@ def test_ask_without_a_memory_file_says_so(capsys, tmp_path, checkpoint):
     code, out, err = run(capsys, "ask", QUESTION, "--model", checkpoint, "--memory", str(tmp_path / "none.safetensors"), "--max-new-tokens", "3")
     assert code == 0 and "memory is empty" in err
     assert not (tmp_path / "none.safetensors").exists()
+
+
+def test_a_damaged_memory_file_is_reported_not_overwritten(capsys, tmp_path, checkpoint):
+    memory = tmp_path / "m.safetensors"
+    assert run(capsys, "inject", TEXT, "--model", checkpoint, "--memory", str(memory))[0] == 0
+    damaged = memory.read_bytes()[:-20]
+    memory.write_bytes(damaged)
+    for argv in (["ask", QUESTION], ["inject", CORPUS[0]], ["info"]):
+        code, _, err = run(capsys, *argv, "--model", checkpoint, "--memory", str(memory))
+        assert code == 2 and "truncated or corrupted" in err
+    assert memory.read_bytes() == damaged
+
+
+def test_chat_remembers_answers_and_saves(capsys, tmp_path, checkpoint, monkeypatch):
+    memory = tmp_path / "m.safetensors"
+    lines = iter(["/remember " + TEXT, "/remember hi", "/info", QUESTION, "/quit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, out, err = run(capsys, "chat", "--model", checkpoint, "--memory", str(memory), "--max-new-tokens", "4")
+    assert code == 0 and next(lines) == "never read"  # /quit ended the loop
+    lm = load(checkpoint)
+    expected = lm.new_memory()
+    lm.inject(expected, TEXT)
+    assert lm.load_memory(memory).equal(expected)  # saved after /remember; "hi" was refused
+    assert "(remembered: " in out and "error: text has 2 tokens" in out
+    assert f"updates:        {expected.update_count}" in out
+    assert lm.generate(expected, QUESTION, max_new_tokens=4).text + "\n" in out
+
+
+def test_demo_runs_on_a_given_model(capsys, checkpoint):
+    code, out, _ = run(capsys, "demo", "--model", checkpoint, "--max-new-tokens", "4")
+    assert code == 0
+    labels = [line.split(":", 1)[0] for line in out.splitlines()]
+    assert labels == ["model", "memory", "injected", "question", "no memory", "memory", "timings"]
 
 
 def test_info_reports_model_sizes_and_counters(capsys, tmp_path, checkpoint):

@@ -120,6 +120,18 @@ def test_stop_strings_end_generation_and_are_never_emitted():
         assert expected.startswith(shown)
 
 
+def test_a_paused_stream_leaves_the_callers_autograd_alone():
+    """Between two pieces the caller's own code runs (a server's other requests, a training
+    step): it must not find itself in inference mode with gradients off."""
+    lm = tiny_lm()
+    pieces = lm.stream(filled_memory(lm), PROMPTS[0], chat=False, max_new_tokens=8)
+    next(pieces)
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    x = torch.ones(2, requires_grad=True)
+    assert (x * 2).requires_grad
+    list(pieces)
+
+
 def test_text_stream_holds_back_a_possible_stop_string_across_tokens():
     tok = make_tokenizer()
     ids = tok("Paris is the capital of France", add_special_tokens=False)["input_ids"]

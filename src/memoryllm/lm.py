@@ -294,21 +294,22 @@ class MemoryLM:
             return torch.tensor([t.stopped for t in texts], device=tokens.device)
 
         t_first = None
-        with torch.inference_mode():
-            for tokens, active in decode(self.model, prefix, input_ids.to(dev), None if bool(mask.all()) else mask.to(dev), params, eos_ids, stopped):
-                if t_first is None:
-                    t_first = time.perf_counter()
-                for b, (tok, act) in enumerate(zip(tokens.tolist(), active.tolist())):
-                    if not act:
-                        continue
-                    if tok in eos_ids:
-                        finish[b] = "stop"
-                        continue
-                    piece = texts[b].push(tok)
-                    if texts[b].stopped:
-                        finish[b] = "stop"
-                    if stream and piece:
-                        yield piece
+        # decode() runs the model in inference mode around each step; no `with` here, or the
+        # caller would run in inference mode between the pieces of a stream
+        for tokens, active in decode(self.model, prefix, input_ids.to(dev), None if bool(mask.all()) else mask.to(dev), params, eos_ids, stopped):
+            if t_first is None:
+                t_first = time.perf_counter()
+            for b, (tok, act) in enumerate(zip(tokens.tolist(), active.tolist())):
+                if not act:
+                    continue
+                if tok in eos_ids:
+                    finish[b] = "stop"
+                    continue
+                piece = texts[b].push(tok)
+                if texts[b].stopped:
+                    finish[b] = "stop"
+                if stream and piece:
+                    yield piece
         t_end = time.perf_counter()
         t_first = t_first or t_end
         if stream:
