@@ -134,6 +134,17 @@ def test_injection_ids_are_recorded():
     assert set(mem.logical_provenance()[:, -8:].unique().tolist()) == {42}
 
 
+def test_injected_pools_stay_writable_outside_inference_mode():
+    """Training code updates pools with autograd on; a pool whose tensors inject created in
+    inference mode would refuse every in-place write there."""
+    lm = tiny_lm()
+    mem = filled_memory(lm)  # a tiling update (new tensors), then in-place ones
+    assert not any(t.is_inference() for t in (mem.memory, mem.provenance, mem.order))
+    record = mem.write_update_(torch.randn(2, 8, 32), injection_id=9)
+    mem.undo_(record)
+    assert mem.equal(filled_memory(lm))
+
+
 # --------------------------------------------------------------------------------------------
 # Batches of pools
 # --------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class MemoryLM:
             )
         return ids
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: pools made in it could never be written in place outside it
     def inject(self, memory: MemoryState | Sequence[MemoryState], text: str | Sequence[str], *, allow_short: bool = False, progress: bool | None = None, injection_id: int | Sequence[int] | None = None) -> InjectResult | list[InjectResult]:
         """Write text into memory: one self-update per chunk, chunks in order.
 
