@@ -86,6 +86,15 @@ def test_invalid_utf8_file_is_refused_and_the_memory_file_is_untouched(capsys, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt", "m.safetensors"]  # no temp files
 
 
+@pytest.mark.parametrize("name", ["missing.txt", "a-folder"])
+def test_an_unreadable_file_exits_2_with_the_reason(capsys, tmp_path, checkpoint, name):
+    (tmp_path / "a-folder").mkdir()
+    code, out, err = run(capsys, "inject", "--file", str(tmp_path / name), "--model", checkpoint, "--memory", str(tmp_path / "m.safetensors"))
+    assert code == 2 and out == ""
+    assert err.startswith("memoryllm inject: error: ") and name in err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 @pytest.mark.parametrize("text,message", [("   ", "empty or whitespace"), ("hi", "fewer than the 4-token minimum")])
 def test_bad_text_exits_2_with_the_reason(capsys, tmp_path, checkpoint, text, message):
     memory = tmp_path / "m.safetensors"

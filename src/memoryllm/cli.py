@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return (getattr(args, "handler", None) or COMMANDS[args.command])(args)
-    except (ValueError, FileNotFoundError, MemoryStateError) as e:
+    except (ValueError, OSError, MemoryStateError) as e:  # OSError: unreadable or unwritable files
         print(f"memoryllm {args.command}: error: {e}", file=sys.stderr)
         return 2
 
