@@ -120,8 +120,12 @@ def test_drop_is_shared_or_per_layer(per_layer):
     lm = tiny_lm(drop_memory_per_layer=per_layer)
     mem = filled_memory(lm, seed=3, texts=CORPUS[:3])
     prov = mem.logical_provenance()
-    # with a shared drop every layer keeps the same logical slots, hence the same provenance
-    assert torch.equal(prov[0], prov[1]) != per_layer
+    # A shared drop keeps the same logical slots in every layer, hence the same provenance;
+    # independent drops (C(32, 8) choices per update) practically never agree.
+    if per_layer:
+        assert not torch.equal(prov[0], prov[1])
+    else:
+        assert torch.equal(prov[0], prov[1])
 
 
 def test_injection_ids_are_recorded():

@@ -9,6 +9,8 @@ import struct
 import pytest
 import torch
 from conftest import assert_same_snapshot, pool_snapshot, ref_keep, tiny_lm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from memoryllm import MemoryState, MemoryStateError, update_pool
@@ -59,6 +61,30 @@ def test_write_update_equals_update_pool_with_the_same_keep_indices(per_layer):
     assert not torch.equal(state.order, torch.arange(N).expand(L, N))
     if not per_layer:  # the same logical slots were dropped in every layer
         assert torch.equal(state.logical_provenance()[0], state.logical_provenance()[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layers=st.integers(1, 3), k=st.integers(1, 5), blocks=st.integers(1, 4), first=st.integers(1, 5),
+    steps=st.integers(1, 7), per_layer=st.booleans(), seed=st.integers(0, 2**31),
+)
+def test_any_update_sequence_matches_the_rule_and_undoes_to_empty(layers, k, blocks, first, steps, per_layer, seed):
+    n = k * blocks
+    first = min(first, k)  # the first context may be shorter than K: then it is tiled
+    state = MemoryState.empty(layers, n, 2, seed=seed)
+    empty = pool_snapshot(state)
+    replay = torch.Generator().manual_seed(seed)
+    expected = torch.zeros(1, layers, n, 2)
+    records = []
+    for step in range(steps):
+        new = torch.randn(layers, first if step == 0 else k, 2, generator=torch.Generator().manual_seed(step))
+        keep = ref_keep(replay, layers, n, k, per_layer) if step else None
+        expected = update_pool(expected, torch.tensor([step > 0]), new[None], torch.tensor([new.shape[1]]), [keep])
+        records.append(state.write_update_(new, injection_id=step, per_layer_drop=per_layer))
+        assert torch.equal(state.logical_memory(), expected[0])
+    for record in reversed(records):
+        state.undo_(record)
+    assert_same_snapshot(pool_snapshot(state), empty)
 
 
 def test_first_short_update_tiles_the_empty_pool():
