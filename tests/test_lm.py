@@ -149,6 +149,23 @@ def test_injected_pools_stay_writable_outside_inference_mode():
     assert mem.equal(filled_memory(lm))
 
 
+def test_a_bfloat16_model_shares_pools_with_its_float32_twin(tmp_path):
+    """Same weights in another dtype: same model id, so a pool saved by one loads into the other;
+    the bf16 self-update differs from the fp32 one by rounding only."""
+    from memoryllm.lm import MemoryLM
+
+    fp32 = tiny_lm(seed=2)
+    bf16 = MemoryLM(tiny_lm(seed=2).model.to(torch.bfloat16), fp32.tokenizer)
+    assert bf16.model_id == fp32.model_id
+    a, b = filled_memory(fp32), filled_memory(bf16)
+    assert b.memory.dtype == torch.bfloat16
+    torch.testing.assert_close(b.logical_memory().float(), a.logical_memory(), rtol=0.05, atol=0.25)
+    a.save(tmp_path / "a.safetensors")
+    loaded = bf16.load_memory(tmp_path / "a.safetensors")
+    assert loaded.memory.dtype == torch.bfloat16 and loaded.update_count == a.update_count
+    assert bf16.generate(loaded, "Where does Alice live?", max_new_tokens=4).token_ids
+
+
 # --------------------------------------------------------------------------------------------
 # Batches of pools
 # --------------------------------------------------------------------------------------------
