@@ -149,6 +149,23 @@ def test_injected_pools_stay_writable_outside_inference_mode():
     assert mem.equal(filled_memory(lm))
 
 
+def test_the_pool_stored_in_a_checkpoint_is_read_and_written():
+    """Published checkpoints carry their own pool (model.memory, model.initialized)."""
+    lm = tiny_lm(seed=6)
+    with torch.no_grad():
+        lm.model.memory.copy_(torch.randn(lm.model.memory.shape, generator=torch.Generator().manual_seed(1)))
+        lm.model.initialized.fill_(1)
+    mem = lm.memory_from_model(seed=2)
+    assert mem.initialized and torch.equal(mem.logical_memory(), lm.model.memory)
+    ids = lm.encode("Where does Alice live?")
+    assert lm.generate(mem, "Where does Alice live?", chat=False, max_new_tokens=1).token_ids == [
+        int(lm.model(torch.tensor([ids]), memory=lm.model.memory[None])[0, -1].argmax())
+    ]
+    lm.inject(mem, SHORT)  # one update of an initialised pool: drop and append, no tiling
+    survivors = mem.logical_memory()[:, : -lm.config.num_tokens]
+    assert all(any(torch.equal(row, old) for old in lm.model.memory[0]) for row in survivors[0])
+
+
 def test_a_bfloat16_model_shares_pools_with_its_float32_twin(tmp_path):
     """Same weights in another dtype: same model id, so a pool saved by one loads into the other;
     the bf16 self-update differs from the fp32 one by rounding only."""
