@@ -56,7 +56,7 @@ def plot_retention(res: dict, path) -> Path:
     if res.get("context_in_prompt"):
         ax.axhline(res["context_in_prompt"]["answer_logprob"]["mean"], color="green", ls=":", label="context in prompt")
     ax.set_xlabel("step")
-    ax.set_ylabel("mean log P(answer tokens) per token (teacher-forced)")
+    ax.set_ylabel("log P(answer) per token (teacher-forced)")
     ax.legend(fontsize=7)
     ax.set_title(_subtitle(res), fontsize=9)
     return _save(fig, path)
