@@ -79,3 +79,23 @@ def test_fact_relations_and_edits():
         assert e["new"] != e["old"] and e["relation"] == "country"
         assert all(e["prompt"] != p for p in e["paraphrases"])
         assert all(nb["prompt"] != e["prompt"] for nb in e["neighbours"])
+
+
+def test_local_qa_files(tmp_path):
+    import json
+
+    from memoryllm.eval.data import DataError, load_qa
+
+    squad = {"data": [{"title": "t", "paragraphs": [{"context": "Paris is in France.", "qas": [
+        {"id": "a", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]},
+        {"id": "b", "question": "Unanswerable?", "answers": [], "is_impossible": True}]}]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(squad, indent=2))
+    rows = load_qa(tmp_path / "squad.json", shuffle=False)
+    assert rows == [{"id": "a", "question": "Where is Paris?", "context": "Paris is in France.", "answer": "France", "answers": ["France"]}]
+    hf = tmp_path / "nq.jsonl"
+    hf.write_text(json.dumps({"id": 1, "question": "q?", "context": "c", "answers": {"text": ["x", "y"]}}) + "\n")
+    assert load_qa(hf)[0]["answers"] == ["x", "y"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DataError, match="lacks question/context"):
+        load_qa(bad)
