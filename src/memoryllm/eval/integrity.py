@@ -41,15 +41,19 @@ def _perm(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def health(pool, prev: torch.Tensor | None, start_injection: int) -> tuple[dict, torch.Tensor]:
+def health(pool, prev: tuple | None, start_injection: int) -> tuple[dict, tuple]:
+    """Health of a pool; ``prev`` is the (memory, provenance) of the previous check."""
     mem = pool.memory.detach().float()
     finite = torch.isfinite(mem)
     nonfinite = int((~finite).sum())
     safe = torch.where(finite, mem, torch.zeros_like(mem))
     layer_norm = safe.norm(dim=-1).mean(dim=1)  # [L]
-    drift = None
+    drift = rewritten = None
     if prev is not None:
-        drift = float((safe - prev).norm() / prev.norm().clamp_min(1e-12))
+        prev_mem, prev_prov = prev
+        if float(prev_mem.norm()) > 0:  # no relative change from an empty (all-zero) pool
+            drift = float((safe - prev_mem).norm() / prev_mem.norm())
+        rewritten = float((pool.provenance != prev_prov).float().mean())
     replaced = float((pool.provenance > start_injection).float().mean())
     return {
         "updates": pool.update_count,
@@ -59,7 +63,8 @@ def health(pool, prev: torch.Tensor | None, start_injection: int) -> tuple[dict,
         "nonfinite": nonfinite,
         "drift": None if drift is None else round(drift, 6),
         "replaced_since_start": round(replaced, 6),
-    }, safe.clone()
+        "rewritten_since_last_check": None if rewritten is None else round(rewritten, 6),
+    }, (safe.clone(), pool.provenance.clone())
 
 
 class _Stop:

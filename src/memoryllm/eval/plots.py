@@ -90,8 +90,12 @@ def plot_integrity(res: dict, path) -> Path:
     ax.set_title("memory health (red lines: NaN/Inf found)", fontsize=9)
     ax = axes[2]
     if h:
-        ax.plot([r["updates"] for r in h], [r["drift"] for r in h], "-", label="relative change since last check")
-        ax.plot([r["updates"] for r in h], [r["replaced_since_start"] for r in h], ":", label="fraction of slots rewritten since start")
+        d = [(r["updates"], r["drift"]) for r in h if r["drift"] is not None]
+        if d:
+            ax.plot(*zip(*d), "-", label="relative change of the pool since last check")
+        rw = [(r["updates"], r["rewritten_since_last_check"]) for r in h if r.get("rewritten_since_last_check") is not None]
+        if rw:
+            ax.plot(*zip(*rw), ":", label="fraction of slots rewritten since last check")
     ax.set_xlabel("updates")
     ax.set_ylabel("drift")
     ax.legend(fontsize=7)
