@@ -1,0 +1,276 @@
+"""Core speed and memory benchmark on the embedded default model (SmolLM2-135M-Instruct).
+
+    .venv/bin/python benchmarks/bench_core.py            # all parts, about 5-8 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_core.py --quick    # fewer sizes and repeats
+
+Every part prints a table whose ratios compare against a baseline measured in the same run:
+
+(a) injection time for N = 512 .. 16,384 memory tokens at fixed K=256 and a 256-token context
+    (the paper claims it does not depend on N): ratio largest/smallest N, target <= 1.15;
+(b) decode tokens/s reading a memory of N tokens vs transformers' ``generate`` on the same
+    weights with an equal-length (N + 1) prefix KV cache: target >= 0.9x;
+(c) time to answer a question after injecting T tokens into memory vs with the same T tokens
+    in the prompt, T up to ~8k;
+(d) peak RSS of a fresh process that loads the model, fills a pool and answers, against the
+    sum of weights + pool + memory keys/values + decode cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+QUESTION = "Summarise the text above in one sentence."
+
+
+def corpus_tokens(tokenizer, n: int) -> list[int]:
+    """n tokens of real text (Wikipedia articles from the shared data), not random ids."""
+    ids: list[int] = []
+    with open(DATA / "wikipedia_articles.jsonl") as f:
+        for line in f:
+            ids += tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+            if len(ids) >= n:
+                return ids[:n]
+    raise RuntimeError(f"not enough text in {DATA} for {n} tokens")
+
+
+def filled_memory(lm, seed: int = 0):
+    """A pool that looks used: random rows at the scale of real hidden states, initialised."""
+    state = lm.new_memory(seed)
+    g = torch.Generator().manual_seed(seed)
+    state.memory.copy_(torch.randn(state.memory.shape, generator=g) * 0.5)
+    state.initialized = True
+    return state
+
+
+def peak_rss() -> int:
+    """This process's own peak resident set in bytes (VmHWM; ru_maxrss would include the parent's
+    peak, which Linux carries across fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: kilobytes elsewhere too
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in r) + " |")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) injection time vs N
+# ---------------------------------------------------------------------------------------------
+def bench_inject(sizes: list[int], k: int, context: int, repeats: int) -> None:
+    from memoryllm.lm import load
+
+    # One model per N, timed round-robin (N1, N2, ..., N1, N2, ...) so a burst of load from other
+    # processes hits every size alike instead of skewing one of them.
+    updates = []
+    for n in sizes:
+        lm = load(num_tokens=k, num_blocks=n // k)
+        state = filled_memory(lm)
+        text_ids = corpus_tokens(lm.tokenizer, context)
+        updates.append(lambda lm=lm, state=state, ids=text_ids: lm._update([state], [ids], [state.last_injection_id + 1]))
+    times: list[list[float]] = [[] for _ in sizes]
+    with torch.no_grad():  # as inject runs it
+        for u in updates:
+            u()  # warm-up
+        for _ in range(repeats):
+            for i, u in enumerate(updates):
+                t0 = time.perf_counter()
+                u()
+                times[i].append(time.perf_counter() - t0)
+    rows = [[n, k, context, statistics.median(t) * 1000, min(t) * 1000] for n, t in zip(sizes, times)]
+    del updates
+    gc.collect()
+    for r in rows:
+        r.append(r[3] / rows[0][3])
+    table("(a) one self-update (inject) vs pool size N", ["N", "K", "context tokens", "ms / update (median)", "ms (min)", "median ratio to smallest N"], rows)
+    print(f"\nlargest/smallest = {rows[-1][5]:.3f} (target <= 1.15)")
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) decode speed vs transformers generate with an equal-length prefix cache
+# ---------------------------------------------------------------------------------------------
+class _StepTimes:
+    """A transformers streamer that records when each generated token arrives."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.first_put = True
+
+    def put(self, value):
+        if self.first_put:  # generate first "puts" the prompt
+            self.first_put = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def bench_decode(sizes: list[int], new_tokens: int, repeats: int) -> None:
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    from memoryllm.generate import SamplingParams, decode
+    from memoryllm.lm import load
+    from memoryllm.loading import default_model_dir
+
+    hf = LlamaForCausalLM.from_pretrained(default_model_dir(), torch_dtype=torch.float32).eval()
+    rows = []
+    for n in sizes:
+        lm = load(num_tokens=min(256, n), num_blocks=max(1, n // 256))
+        prompt = torch.tensor([corpus_tokens(lm.tokenizer, 32)])
+        state = filled_memory(lm)
+        prefix = lm.prefix([state])  # computed once per memory version, as in generate
+
+        def ours() -> float:
+            times = []
+            for _ in decode(lm.model, prefix, prompt, None, SamplingParams(max_new_tokens=new_tokens), set()):
+                times.append(time.perf_counter())
+            return (len(times) - 1) / (times[-1] - times[0])
+
+        # transformers: a real KV cache of N + 1 tokens (bos + memory length), then the prompt.
+        prefix_ids = torch.tensor([corpus_tokens(lm.tokenizer, n + 1 + 32)[: n + 1]])
+        with torch.inference_mode():
+            hf_cache = hf(prefix_ids, use_cache=True).past_key_values
+
+        def theirs() -> float:
+            cache = DynamicCache()
+            for layer in range(len(hf_cache.layers)):
+                cache.update(hf_cache.layers[layer].keys.clone(), hf_cache.layers[layer].values.clone(), layer)
+            streamer = _StepTimes()
+            ids = torch.cat([prefix_ids, prompt], 1)
+            with torch.inference_mode():
+                hf.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=streamer, pad_token_id=0)
+            t = streamer.times
+            return (len(t) - 1) / (t[-1] - t[0])
+
+        ours(), theirs()  # warm-up
+        pairs = [(ours(), theirs()) for _ in range(repeats)]  # interleaved: load bursts hit both
+        ours_tps = statistics.median(p[0] for p in pairs)
+        hf_tps = statistics.median(p[1] for p in pairs)
+        rows.append([n, new_tokens, ours_tps, hf_tps, ours_tps / hf_tps])
+        del lm, state, prefix, hf_cache
+        gc.collect()
+    table("(b) decode speed, batch 1, greedy", ["N (memory / prefix tokens)", "new tokens", "memoryllm tok/s", "transformers generate tok/s", "ratio"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) answer time: T tokens in memory vs T tokens in the prompt
+# ---------------------------------------------------------------------------------------------
+def bench_answer(lengths: list[int], new_tokens: int) -> None:
+    from memoryllm.lm import load
+
+    lm = load()  # the default memory shape (K=128, N=2048)
+    rows = []
+    for T in lengths:
+        ids = corpus_tokens(lm.tokenizer, T)
+        text = lm.tokenizer.decode(ids)
+        state = lm.new_memory(0)
+        t0 = time.perf_counter()
+        lm.inject(state, text, progress=False)
+        inject_s = time.perf_counter() - t0
+        first = lm.generate(state, QUESTION, max_new_tokens=new_tokens)  # computes memory K/V once
+        again = lm.generate(state, QUESTION, max_new_tokens=new_tokens)  # reuses them
+        in_prompt = lm.generate(None, text + "\n\n" + QUESTION, max_new_tokens=new_tokens)
+        mem_first = first.prefill_seconds + first.decode_seconds
+        mem_again = again.prefill_seconds + again.decode_seconds
+        prompt_s = in_prompt.prefill_seconds + in_prompt.decode_seconds
+        rows.append([T, inject_s, mem_first, mem_again, prompt_s, prompt_s / mem_again])
+    table(
+        f"(c) time to answer ({new_tokens} new tokens) after T tokens of text",
+        ["T tokens", "inject s (once)", "memory: first answer s", "memory: later answers s", "in prompt: answer s", "prompt / memory"],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) peak RSS in a fresh process
+# ---------------------------------------------------------------------------------------------
+def rss_probe(n: int, k: int, new_tokens: int) -> None:
+    from memoryllm.lm import load
+
+    lm = load(num_tokens=k, num_blocks=n // k)
+    cfg = lm.config
+    state = lm.new_memory(0)
+    lm.inject(state, lm.tokenizer.decode(corpus_tokens(lm.tokenizer, 2 * k)), progress=False)
+    g = lm.generate(state, QUESTION, max_new_tokens=new_tokens)
+    # parameters plus the model's own pool buffer (the published layout keeps one in the model)
+    weights = sum(t.numel() * t.element_size() for t in [*lm.model.parameters(), *lm.model.buffers()])
+    item = state.memory.element_size()
+    pool = state.memory.numel() * item + state.provenance.numel() * 8 + state.order.numel() * 8
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * item
+    prefix = (n + 1) * kv_per_token
+    decode_cache = (n + 1 + g.prompt_tokens + new_tokens) * kv_per_token
+    peak = peak_rss()
+    print(json.dumps(dict(N=n, weights=weights, pool=pool, prefix=prefix, decode_cache=decode_cache, peak=peak)))
+
+
+def bench_rss(sizes: list[int], k: int) -> None:
+    mb = 2**20
+    rows = []
+    # The interpreter + torch + transformers baseline, measured the same way.
+    base_cmd = [sys.executable, __file__, "--rss-probe", "0"]
+    runtime = int(subprocess.run(base_cmd, capture_output=True, text=True, check=True).stdout)
+    for n in sizes:
+        out = subprocess.run([sys.executable, __file__, "--rss-probe", str(n), "--k", str(k)], capture_output=True, text=True, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        accounted = r["weights"] + r["pool"] + r["prefix"] + r["decode_cache"]
+        rows.append([n, r["weights"] / mb, r["pool"] / mb, (r["prefix"] + r["decode_cache"]) / mb, runtime / mb, r["peak"] / mb, (r["peak"] - runtime) / accounted])
+    table(
+        "(d) peak RSS of a process that loads, injects and answers (MiB)",
+        ["N", "weights + model buffers", "pool", "memory K/V + decode cache", "python+torch runtime", "peak RSS", "(peak - runtime) / (weights+pool+caches)"],
+        rows,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    ap.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'ab'")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--rss-probe", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--k", type=int, default=256, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_probe == 0:  # the interpreter + torch + transformers + memoryllm, nothing loaded
+        import transformers  # noqa: F401
+
+        import memoryllm.lm  # noqa: F401
+
+        return print(peak_rss())
+    if args.rss_probe is not None:
+        return rss_probe(args.rss_probe, args.k, 32)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, fp32")
+    if "a" in args.parts:
+        sizes = [512, 2048, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+        bench_inject(sizes, k=256, context=256, repeats=3 if args.quick else 7)
+    if "b" in args.parts:
+        bench_decode([2048] if args.quick else [512, 2048, 8192], new_tokens=32 if args.quick else 64, repeats=1 if args.quick else 3)
+    if "c" in args.parts:
+        bench_answer([512, 2048] if args.quick else [512, 1024, 2048, 4096, 7936], new_tokens=16)
+    if "d" in args.parts:
+        bench_rss([2048] if args.quick else [2048, 16384], k=256)
+
+
+if __name__ == "__main__":
+    main()
