@@ -43,7 +43,10 @@ def _perm(n: int, seed: int, epoch: int) -> list[int]:
 
 def health(pool, prev: tuple | None, start_injection: int) -> tuple[dict, tuple]:
     """Health of a pool; ``prev`` is the (memory, provenance) of the previous check."""
-    mem = pool.memory.detach().float()
+    # float64 and a contiguous copy: the reductions below then give the same digits for the same
+    # pool whether it was computed in-process or loaded from a checkpoint (strides change the
+    # float32 summation order, which moved the 5th decimal in resume-equality checks)
+    mem = pool.memory.detach().to(torch.float64).contiguous()
     finite = torch.isfinite(mem)
     nonfinite = int((~finite).sum())
     safe = torch.where(finite, mem, torch.zeros_like(mem))
