@@ -1,0 +1,767 @@
+"""Named memory pools on disk for one base model: a ledger, versions, replay and forgetting.
+
+    store = MemoryStore("data/", lm)
+    store.create("alice")
+    store.inject("alice", "Alice's flight leaves Zurich at 7:40 on Friday.", source="chat")
+    store.generate("alice", "When does my flight leave?").text
+    store.snapshot("alice", "before-trip"); store.rollback("alice", "before-trip")
+    store.forget("alice", injection_id=1, mode="exact")
+    store.verify("alice").ok          # rebuilt from its starting state + ledger, bit for bit
+
+Layout under ``data_dir``::
+
+    store.db                  SQLite (WAL): pools, the ledger of every pool, snapshots
+    pools/<pool id>/<uuid>.safetensors   immutable state files (MemoryState.save)
+
+State files are never modified once written: an operation writes the new state under a new
+name, then one DB transaction points the pool at it (the commit is the linearisation point),
+then files that no row references any more are deleted. A process killed at any instant leaves
+the DB pointing at a complete file of either the old or the new state; ``recover()`` (run at
+open) deletes the orphans. Snapshots, rollback and replay bases are rows referencing files, so
+they cost no copy. Pool names never reach the filesystem (directories are numbered).
+
+Replay: the ledger's live injections (with their texts and ids), applied in order to the pool's
+*replay base*, give the live pool bit for bit (the drop generator is part of the state). The
+base is the creation state until something makes the earlier history unreplayable: an
+injection stored without its text, a fast forget, or an import; then the state right after that
+event becomes the base and ``verify`` says why it starts there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .state import NEVER_WRITTEN, MemoryState, MemoryStateError, atomic_write
+
+# Names are identifiers, never paths: letters, digits, '_', '-', '.', not starting with '.' or '-'.
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+EXPORT_FORMAT = "memoryllm-pool/1"
+FORGET_MODES = ("fast", "exact")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pools(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: a deleted pool's directory number is never reused
+  tenant TEXT NOT NULL,
+  name TEXT NOT NULL,
+  seed INTEGER NOT NULL,
+  model_id TEXT NOT NULL,
+  created_at REAL NOT NULL,
+  state_file TEXT NOT NULL,              -- the live state
+  base_file TEXT NOT NULL,               -- replay starts from this state ...
+  base_seq INTEGER NOT NULL,             -- ... which holds every live injection with seq <= base_seq
+  base_reason TEXT NOT NULL,
+  next_seq INTEGER NOT NULL,
+  next_injection_id INTEGER NOT NULL,    -- ids are never reused, even after forget or rollback
+  UNIQUE(tenant, name)
+);
+CREATE TABLE IF NOT EXISTS ledger(
+  pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+  seq INTEGER NOT NULL,                  -- event order within the pool
+  kind TEXT NOT NULL,                    -- create | inject | snapshot | rollback | forget | import
+  injection_id INTEGER,                  -- inject: slot provenance id; forget: the target
+  created_at REAL NOT NULL,
+  source TEXT,
+  sha256 TEXT,                           -- of the UTF-8 text; kept after forget
+  num_tokens INTEGER,
+  num_chunks INTEGER,
+  allow_short INTEGER,
+  text TEXT,                             -- NULL: not stored (store_text=False) or forgotten
+  status TEXT NOT NULL,                  -- inject rows: live | rolled_back | forgotten; others: done
+  deleted_at REAL,                       -- when the text was erased by forget
+  detail TEXT,
+  PRIMARY KEY(pool_id, seq)
+);
+CREATE INDEX IF NOT EXISTS ledger_injection ON ledger(pool_id, injection_id);
+CREATE TABLE IF NOT EXISTS snapshots(
+  pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+  label TEXT NOT NULL,
+  created_at REAL NOT NULL,
+  seq INTEGER NOT NULL,
+  state_file TEXT NOT NULL,
+  base_file TEXT NOT NULL,
+  base_seq INTEGER NOT NULL,
+  base_reason TEXT NOT NULL,
+  injections TEXT NOT NULL,              -- JSON list of the injection ids live in this snapshot
+  PRIMARY KEY(pool_id, label)
+);
+"""
+
+
+class StoreError(Exception):
+    """Base of every error the store raises on purpose."""
+
+
+class InvalidName(StoreError, ValueError):
+    pass
+
+
+class NotFound(StoreError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class NotReplayable(StoreError):
+    """Exact forget needs the texts of every later injection."""
+
+
+class StoreBusy(StoreError):
+    """Another process holds this data directory."""
+
+
+@dataclass
+class PoolInfo:
+    name: str
+    tenant: str
+    seed: int
+    model_id: str
+    created_at: float
+    live_injections: int
+    update_count: int
+    snapshots: int
+    base_seq: int
+    base_reason: str
+
+
+@dataclass
+class LedgerEntry:
+    seq: int
+    kind: str
+    injection_id: int | None
+    created_at: float
+    source: str | None = None
+    sha256: str | None = None
+    num_tokens: int | None = None
+    num_chunks: int | None = None
+    allow_short: bool | None = None
+    text: str | None = None
+    status: str = "done"
+    deleted_at: float | None = None
+    detail: str | None = None
+
+    def to_dict(self, include_text: bool = True) -> dict:
+        d = asdict(self)
+        if not include_text:
+            d.pop("text")
+        return d
+
+
+@dataclass
+class SnapshotInfo:
+    label: str
+    created_at: float
+    seq: int
+    injections: list[int]
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    replayed: int  # injections re-run from the base
+    base_seq: int
+    base_reason: str
+    message: str
+    mismatches: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ForgetReport:
+    injection_id: int
+    mode: str
+    slots_reset: int  # fast: slots dropped from the live pool; exact: slots that held it before
+    replayed: int  # exact: injections re-run
+    snapshots_deleted: list[str]
+    was_live: bool
+
+
+def check_name(name: str, what: str = "memory name") -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InvalidName(f"invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', not starting with '.' or '-'")
+    return name
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class MemoryStore:
+    """Memory pools of one model (``lm``) under ``data_dir``. Thread-safe; one process per
+    directory (a second one gets StoreBusy). Every method takes ``tenant`` (keyword): pools of
+    different tenants live in separate namespaces and one never sees the other's."""
+
+    def __init__(self, data_dir: str | os.PathLike, lm, *, max_cached_pools: int = 8):
+        from filelock import FileLock, Timeout
+
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lm = lm
+        self._flock = FileLock(str(self.dir / ".lock"))
+        try:
+            self._flock.acquire(timeout=0)
+        except Timeout:
+            raise StoreBusy(f"{self.dir} is in use by another process (one process per data directory)") from None
+        self._db = sqlite3.connect(self.dir / "store.db", check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        # WAL + synchronous=FULL: a commit is on disk when it returns, so an acknowledged
+        # operation survives a crash or power loss.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self._db_lock = threading.RLock()  # one connection shared by threads
+        self._pool_locks: dict[int, threading.Lock] = {}
+        self._live: OrderedDict[str, MemoryState] = OrderedDict()  # state file -> loaded state (LRU)
+        self._max_cached = max_cached_pools
+        self.recover()
+
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
+        self._flock.release()
+
+    def __enter__(self) -> "MemoryStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ files and rows
+    def _pool_dir(self, pool_id: int) -> Path:
+        return self.dir / "pools" / str(pool_id)
+
+    def _write_state(self, pool_id: int, state: MemoryState) -> str:
+        name = f"{uuid.uuid4().hex}.safetensors"
+        state.save(self._pool_dir(pool_id) / name)  # temp + fsync + rename + fsync(dir)
+        return name
+
+    def _load_state(self, pool_id: int, file: str) -> MemoryState:
+        key = f"{pool_id}/{file}"
+        with self._db_lock:
+            state = self._live.get(key)
+            if state is not None:
+                self._live.move_to_end(key)
+                return state
+        state = self.lm.load_memory(self._pool_dir(pool_id) / file)
+        with self._db_lock:
+            self._live[key] = state
+            while len(self._live) > self._max_cached:
+                self._live.popitem(last=False)
+        return state
+
+    def _remember(self, pool_id: int, file: str, state: MemoryState) -> None:
+        with self._db_lock:
+            self._live[f"{pool_id}/{file}"] = state
+            while len(self._live) > self._max_cached:
+                self._live.popitem(last=False)
+
+    def _referenced(self, pool_id: int) -> set[str]:
+        rows = self._db.execute(
+            "SELECT state_file AS f FROM pools WHERE id=? UNION SELECT base_file FROM pools WHERE id=? "
+            "UNION SELECT state_file FROM snapshots WHERE pool_id=? UNION SELECT base_file FROM snapshots WHERE pool_id=?",
+            (pool_id,) * 4,
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def _collect(self, pool_id: int) -> None:
+        """Delete this pool's files that no row references (after a commit, and in recover)."""
+        d = self._pool_dir(pool_id)
+        if not d.is_dir():
+            return
+        with self._db_lock:
+            keep = self._referenced(pool_id)
+            for key in [k for k in self._live if k.startswith(f"{pool_id}/") and k.split("/", 1)[1] not in keep]:
+                del self._live[key]
+        for f in d.iterdir():
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+
+    def recover(self) -> list[str]:
+        """Remove what a killed process left: temp files, unreferenced state files, directories of
+        pools whose creation never committed or whose deletion did. Returns what was removed."""
+        removed = []
+        root = self.dir / "pools"
+        root.mkdir(exist_ok=True)
+        with self._db_lock:
+            ids = {r[0] for r in self._db.execute("SELECT id FROM pools")}
+        for d in root.iterdir():
+            if not (d.name.isdigit() and int(d.name) in ids):
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+                removed.append(str(d))
+                continue
+            with self._db_lock:
+                keep = self._referenced(int(d.name))
+            for f in d.iterdir():
+                if f.name not in keep:
+                    f.unlink(missing_ok=True)
+                    removed.append(str(f))
+        return removed
+
+    def _pool(self, name: str, tenant: str) -> sqlite3.Row:
+        check_name(name)
+        with self._db_lock:
+            row = self._db.execute("SELECT * FROM pools WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        if row is None:
+            raise NotFound(f"memory {name!r} not found")
+        return row
+
+    def _lock(self, pool_id: int) -> threading.Lock:
+        with self._db_lock:
+            return self._pool_locks.setdefault(pool_id, threading.Lock())
+
+    def _locked_pool(self, name: str, tenant: str):
+        """Context: the pool's row, read again under its lock (so it is current)."""
+        row = self._pool(name, tenant)
+        lock = self._lock(row["id"])
+
+        class _Ctx:
+            def __enter__(ctx):
+                lock.acquire()
+                try:
+                    current = self._pool(name, tenant)
+                    if current["id"] != row["id"]:  # deleted (and made again) while we waited
+                        raise NotFound(f"memory {name!r} was deleted")
+                    return current
+                except BaseException:
+                    lock.release()
+                    raise
+
+            def __exit__(ctx, *exc):
+                lock.release()
+
+        return _Ctx()
+
+    def _event(self, pool: sqlite3.Row, kind: str, now: float, **cols) -> int:
+        """Append a ledger row (inside the caller's transaction); returns its seq."""
+        seq = self._db.execute("SELECT next_seq FROM pools WHERE id=?", (pool["id"],)).fetchone()[0]
+        cols.setdefault("status", "done")
+        names = ["pool_id", "seq", "kind", "created_at", *cols]
+        self._db.execute(
+            f"INSERT INTO ledger({','.join(names)}) VALUES ({','.join('?' * len(names))})",
+            (pool["id"], seq, kind, now, *cols.values()),
+        )
+        self._db.execute("UPDATE pools SET next_seq=? WHERE id=?", (seq + 1, pool["id"]))
+        return seq
+
+    def _live_rows(self, pool_id: int, after_seq: int) -> list[sqlite3.Row]:
+        with self._db_lock:
+            return self._db.execute(
+                "SELECT * FROM ledger WHERE pool_id=? AND kind='inject' AND status='live' AND seq>? ORDER BY seq", (pool_id, after_seq)
+            ).fetchall()
+
+    def _live_ids(self, pool_id: int) -> list[int]:
+        with self._db_lock:
+            rows = self._db.execute("SELECT injection_id FROM ledger WHERE pool_id=? AND kind='inject' AND status='live' ORDER BY seq", (pool_id,))
+            return [r[0] for r in rows]
+
+    # ------------------------------------------------------------------ pools
+    def create(self, name: str, *, seed: int | None = None, tenant: str = "") -> PoolInfo:
+        """A new empty pool; seed seeds its drop generator (random when None, and recorded)."""
+        check_name(name)
+        seed = secrets.randbits(63) if seed is None else int(seed)
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        now = time.time()
+        with self._db_lock:
+            if self._db.execute("SELECT 1 FROM pools WHERE tenant=? AND name=?", (tenant, name)).fetchone():
+                raise AlreadyExists(f"memory {name!r} already exists")
+            # reserve the id first (the row is not committed until the file exists)
+            with self._db:
+                cur = self._db.execute(
+                    "INSERT INTO pools(tenant,name,seed,model_id,created_at,state_file,base_file,base_seq,base_reason,next_seq,next_injection_id) "
+                    "VALUES (?,?,?,?,?,'','',0,'created empty',1,1)",
+                    (tenant, name, seed, self.lm.model_id, now),
+                )
+                pool_id = cur.lastrowid
+                file = self._write_state(pool_id, self.lm.new_memory(seed=seed))
+                self._db.execute("UPDATE pools SET state_file=?, base_file=? WHERE id=?", (file, file, pool_id))
+                row = self._db.execute("SELECT * FROM pools WHERE id=?", (pool_id,)).fetchone()
+                seq = self._event(row, "create", now, detail=json.dumps({"seed": seed}))
+                self._db.execute("UPDATE pools SET base_seq=? WHERE id=?", (seq, pool_id))
+        return self.info(name, tenant=tenant)
+
+    def info(self, name: str, *, tenant: str = "") -> PoolInfo:
+        row = self._pool(name, tenant)
+        return self._info(row)
+
+    def _info(self, row: sqlite3.Row) -> PoolInfo:
+        with self._db_lock:
+            live = self._db.execute("SELECT COUNT(*) FROM ledger WHERE pool_id=? AND kind='inject' AND status='live'", (row["id"],)).fetchone()[0]
+            snaps = self._db.execute("SELECT COUNT(*) FROM snapshots WHERE pool_id=?", (row["id"],)).fetchone()[0]
+        state = self._load_state(row["id"], row["state_file"])
+        return PoolInfo(row["name"], row["tenant"], row["seed"], row["model_id"], row["created_at"], live, state.update_count, snaps, row["base_seq"], row["base_reason"])
+
+    def list(self, *, tenant: str = "") -> list[PoolInfo]:
+        with self._db_lock:
+            rows = self._db.execute("SELECT * FROM pools WHERE tenant=? ORDER BY name", (tenant,)).fetchall()
+        return [self._info(r) for r in rows]
+
+    def names(self, *, tenant: str = "") -> list[str]:
+        with self._db_lock:
+            return [r[0] for r in self._db.execute("SELECT name FROM pools WHERE tenant=? ORDER BY name", (tenant,))]
+
+    def delete(self, name: str, *, tenant: str = "") -> None:
+        """Delete a pool, its ledger (texts included) and snapshots."""
+        with self._locked_pool(name, tenant) as pool:
+            with self._db_lock, self._db:
+                self._db.execute("DELETE FROM pools WHERE id=?", (pool["id"],))
+            with self._db_lock:
+                for key in [k for k in self._live if k.startswith(f"{pool['id']}/")]:
+                    del self._live[key]
+            shutil.rmtree(self._pool_dir(pool["id"]), ignore_errors=True)
+
+    def memory(self, name: str, *, tenant: str = "") -> MemoryState:
+        """The live pool (shared: read it, do not write it; injections replace it, never mutate it)."""
+        row = self._pool(name, tenant)
+        return self._load_state(row["id"], row["state_file"])
+
+    # ------------------------------------------------------------------ writing
+    def inject(self, name: str, text: str | Sequence[str], *, source: str = "", store_text: bool = True, allow_short: bool = False, tenant: str = "") -> list[LedgerEntry]:
+        """Write one or many texts (in order; one injection id each) into the pool.
+
+        All texts are committed together or not at all: one new state file, one transaction.
+        With store_text=False the ledger keeps only hash and token count; replay then starts
+        after this injection (see verify)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("no texts to inject")
+        with self._locked_pool(name, tenant) as pool:
+            live = self._load_state(pool["id"], pool["state_file"])
+            state = live.clone(deep=False)  # copy on write: readers of `live` are unaffected
+            first = pool["next_injection_id"]
+            results = [self.lm.inject(state, t, injection_id=first + i, allow_short=allow_short, progress=False) for i, t in enumerate(texts)]
+            file = self._write_state(pool["id"], state)
+            now = time.time()
+            seqs = []
+            with self._db_lock, self._db:
+                for t, r in zip(texts, results):
+                    seqs.append(self._event(
+                        pool, "inject", now, injection_id=r.injection_id, source=source, sha256=text_sha256(t), num_tokens=r.num_tokens,
+                        num_chunks=r.num_chunks, allow_short=int(allow_short), text=t if store_text else None, status="live",
+                    ))
+                base = {} if store_text else {"base_file": file, "base_seq": seqs[-1], "base_reason": f"injection {results[-1].injection_id} was stored without its text"}
+                sets = {"state_file": file, "next_injection_id": first + len(texts), **base}
+                self._db.execute(f"UPDATE pools SET {','.join(f'{k}=?' for k in sets)} WHERE id=?", (*sets.values(), pool["id"]))
+            self._remember(pool["id"], file, state)
+            self._collect(pool["id"])
+        return [LedgerEntry(s, "inject", r.injection_id, now, source, text_sha256(t), r.num_tokens, r.num_chunks, allow_short, t if store_text else None, "live")
+                for s, t, r in zip(seqs, texts, results)]
+
+    # ------------------------------------------------------------------ reading
+    def generate(self, name: str, prompt, *, tenant: str = "", **sampling):
+        return self.lm.generate(self.memory(name, tenant=tenant), prompt, **sampling)
+
+    def stream(self, name: str, prompt, *, tenant: str = "", **sampling) -> Iterator[str]:
+        return self.lm.stream(self.memory(name, tenant=tenant), prompt, **sampling)
+
+    def generate_batch(self, names: Sequence[str], prompts: Sequence, *, tenant: str | Sequence[str] = "", **sampling):
+        """Row i answers prompts[i] from pool names[i] (of tenant[i]); one forward pass per step."""
+        tenants = [tenant] * len(names) if isinstance(tenant, str) else list(tenant)
+        return self.lm.generate_batch([self.memory(n, tenant=t) for n, t in zip(names, tenants)], prompts, **sampling)
+
+    def history(self, name: str, *, tenant: str = "", include_text: bool = True) -> list[LedgerEntry]:
+        pool = self._pool(name, tenant)
+        with self._db_lock:
+            rows = self._db.execute("SELECT * FROM ledger WHERE pool_id=? ORDER BY seq", (pool["id"],)).fetchall()
+        return [_entry(r, include_text) for r in rows]
+
+    # ------------------------------------------------------------------ versions
+    def snapshot(self, name: str, label: str, *, tenant: str = "") -> SnapshotInfo:
+        """Name the current version (no copy: state files are immutable)."""
+        check_name(label, "snapshot label")
+        with self._locked_pool(name, tenant) as pool:
+            now = time.time()
+            ids = self._live_ids(pool["id"])
+            with self._db_lock, self._db:
+                if self._db.execute("SELECT 1 FROM snapshots WHERE pool_id=? AND label=?", (pool["id"], label)).fetchone():
+                    raise AlreadyExists(f"snapshot {label!r} of memory {name!r} already exists")
+                seq = self._event(pool, "snapshot", now, detail=label)
+                self._db.execute(
+                    "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)",
+                    (pool["id"], label, now, seq, pool["state_file"], pool["base_file"], pool["base_seq"], pool["base_reason"], json.dumps(ids)),
+                )
+        return SnapshotInfo(label, now, seq, ids)
+
+    def snapshots(self, name: str, *, tenant: str = "") -> list[SnapshotInfo]:
+        pool = self._pool(name, tenant)
+        with self._db_lock:
+            rows = self._db.execute("SELECT * FROM snapshots WHERE pool_id=? ORDER BY seq", (pool["id"],)).fetchall()
+        return [SnapshotInfo(r["label"], r["created_at"], r["seq"], json.loads(r["injections"])) for r in rows]
+
+    def delete_snapshot(self, name: str, label: str, *, tenant: str = "") -> None:
+        with self._locked_pool(name, tenant) as pool:
+            self._snapshot_row(pool, label)
+            with self._db_lock, self._db:
+                self._db.execute("DELETE FROM snapshots WHERE pool_id=? AND label=?", (pool["id"], label))
+            self._collect(pool["id"])
+
+    def _snapshot_row(self, pool: sqlite3.Row, label: str) -> sqlite3.Row:
+        check_name(label, "snapshot label")
+        with self._db_lock:
+            row = self._db.execute("SELECT * FROM snapshots WHERE pool_id=? AND label=?", (pool["id"], label)).fetchone()
+        if row is None:
+            raise NotFound(f"snapshot {label!r} of memory {pool['name']!r} not found")
+        return row
+
+    def rollback(self, name: str, label: str, *, tenant: str = "") -> SnapshotInfo:
+        """Make a snapshot the live version. Injections made since are marked rolled_back in the
+        ledger (kept for audit; a rollback to a later snapshot brings them back)."""
+        with self._locked_pool(name, tenant) as pool:
+            snap = self._snapshot_row(pool, label)
+            ids = json.loads(snap["injections"])
+            now = time.time()
+            with self._db_lock, self._db:
+                self._db.execute(
+                    f"UPDATE ledger SET status=CASE WHEN injection_id IN ({','.join('?' * len(ids))}) THEN 'live' ELSE 'rolled_back' END "
+                    "WHERE pool_id=? AND kind='inject' AND status IN ('live','rolled_back')",
+                    (*ids, pool["id"]),
+                )
+                self._event(pool, "rollback", now, detail=label)
+                self._db.execute(
+                    "UPDATE pools SET state_file=?, base_file=?, base_seq=?, base_reason=? WHERE id=?",
+                    (snap["state_file"], snap["base_file"], snap["base_seq"], snap["base_reason"], pool["id"]),
+                )
+            self._collect(pool["id"])
+        return SnapshotInfo(label, snap["created_at"], snap["seq"], ids)
+
+    def diff(self, name: str, a: str | None = None, b: str | None = None, *, tenant: str = "") -> dict:
+        """Which slots differ between two versions (snapshot labels; None = live), per layer, and
+        which injections wrote them (slot provenance): ``added`` = in b, not in a; ``removed``
+        the reverse. Slots are compared as a multiset of (vector, provenance) rows per layer,
+        since an update moves the logical positions of the tokens it keeps."""
+        pool = self._pool(name, tenant)
+        sa, sb = (self._load_state(pool["id"], self._snapshot_row(pool, x)["state_file"] if x else pool["state_file"]) for x in (a, b))
+        ma, mb = sa.logical_memory().cpu(), sb.logical_memory().cpu()
+        pa, pb = sa.logical_provenance(), sb.logical_provenance()
+        layers, added, removed = [], Counter(), Counter()
+        for layer in range(ma.shape[0]):
+            ra = Counter(zip(map(bytes, ma[layer].contiguous().view(torch.uint8).numpy()), pa[layer].tolist()))
+            rb = Counter(zip(map(bytes, mb[layer].contiguous().view(torch.uint8).numpy()), pb[layer].tolist()))
+            plus, minus = rb - ra, ra - rb
+            layers.append({"layer": layer, "added": sum(plus.values()), "removed": sum(minus.values())})
+            for (_, prov), n in plus.items():
+                added[prov] += n
+            for (_, prov), n in minus.items():
+                removed[prov] += n
+        return {
+            "from": a or "live", "to": b or "live",
+            "changed_slots": sum(x["added"] for x in layers),
+            "layers": layers,
+            "added_by_injection": {int(k): v for k, v in sorted(added.items())},  # -1: reset / never written
+            "removed_by_injection": {int(k): v for k, v in sorted(removed.items())},
+        }
+
+    # ------------------------------------------------------------------ replay and verify
+    def _replay(self, pool_id: int, base_file: str, rows: Sequence[sqlite3.Row], skip: int | None = None) -> tuple[MemoryState, int]:
+        state = self._load_state(pool_id, base_file).clone()
+        n = 0
+        for r in rows:
+            if r["injection_id"] == skip:
+                continue
+            if r["text"] is None:  # bases are placed after every textless injection; a guard
+                raise NotReplayable(f"injection {r['injection_id']} (seq {r['seq']}) has no stored text")
+            self.lm.inject(state, r["text"], injection_id=r["injection_id"], allow_short=bool(r["allow_short"]), progress=False)
+            n += 1
+        return state, n
+
+    def replay(self, name: str, *, tenant: str = "") -> MemoryState:
+        """The pool rebuilt from its replay base and the ledger's live injections."""
+        pool = self._pool(name, tenant)
+        return self._replay(pool["id"], pool["base_file"], self._live_rows(pool["id"], pool["base_seq"]))[0]
+
+    def verify(self, name: str, *, tenant: str = "") -> VerifyReport:
+        """Rebuild the pool from its replay base + ledger and compare bit for bit with the live one;
+        also checks each replayed text still matches its recorded hash."""
+        with self._locked_pool(name, tenant) as pool:
+            rows = self._live_rows(pool["id"], pool["base_seq"])
+            base_note = f"replay starts at ledger seq {pool['base_seq']} ({pool['base_reason']})"
+            bad = [f"injection {r['injection_id']}: text does not match its sha256" for r in rows if r["text"] is not None and text_sha256(r["text"]) != r["sha256"]]
+            try:
+                live = self._load_state(pool["id"], pool["state_file"])
+                rebuilt, n = self._replay(pool["id"], pool["base_file"], rows)
+            except (MemoryStateError, NotReplayable) as e:
+                return VerifyReport(False, 0, pool["base_seq"], pool["base_reason"], f"cannot replay: {e}", [str(e)])
+        bad += _state_differences(live, rebuilt)
+        ok = not bad
+        msg = f"{'ok' if ok else 'MISMATCH'}: {n} injections replayed; {base_note}"
+        return VerifyReport(ok, n, pool["base_seq"], pool["base_reason"], msg, bad)
+
+    # ------------------------------------------------------------------ forgetting
+    def forget(self, name: str, injection_id: int, mode: str = "fast", *, tenant: str = "") -> ForgetReport:
+        """Remove one injection from the pool and erase its text from the ledger.
+
+        fast:  every slot whose provenance is this injection is reset (zeroed, marked never
+               written). Later injections read those slots while they were written, so traces
+               of it may remain in *their* slots.
+        exact: the pool is rebuilt by replaying the ledger without it, which needs the text of
+               every live injection after the replay base (NotReplayable otherwise).
+        Either way the ledger keeps only hash, token count and deletion time, and snapshots
+        that contain the injection are deleted (a rollback must not bring it back)."""
+        if mode not in FORGET_MODES:
+            raise ValueError(f"mode must be one of {FORGET_MODES}, got {mode!r}")
+        with self._locked_pool(name, tenant) as pool:
+            with self._db_lock:
+                target = self._db.execute("SELECT * FROM ledger WHERE pool_id=? AND kind='inject' AND injection_id=?", (pool["id"], injection_id)).fetchone()
+                snaps = self._db.execute("SELECT label, injections FROM snapshots WHERE pool_id=?", (pool["id"],)).fetchall()
+            if target is None:
+                raise NotFound(f"injection {injection_id} not found in memory {name!r}")
+            if target["status"] == "forgotten":
+                raise NotFound(f"injection {injection_id} of memory {name!r} was already forgotten")
+            doomed = [s["label"] for s in snaps if injection_id in json.loads(s["injections"])]
+            was_live = target["status"] == "live"
+            live = self._load_state(pool["id"], pool["state_file"])
+            slots = int((live.provenance == injection_id).sum())
+            new_state, base, replayed = None, {}, 0
+            if was_live and mode == "exact":
+                if target["seq"] <= pool["base_seq"]:
+                    raise NotReplayable(
+                        f"exact forget of injection {injection_id} needs a replay from before it, but replay starts at seq "
+                        f"{pool['base_seq']} ({pool['base_reason']}); use mode='fast'"
+                    )
+                new_state, replayed = self._replay(pool["id"], pool["base_file"], self._live_rows(pool["id"], pool["base_seq"]), skip=injection_id)
+            elif was_live:
+                new_state = reset_slots(live, injection_id)
+            file = self._write_state(pool["id"], new_state) if new_state is not None else None
+            now = time.time()
+            with self._db_lock, self._db:
+                self._db.execute(
+                    "UPDATE ledger SET text=NULL, status='forgotten', deleted_at=?, detail=? WHERE pool_id=? AND seq=?",
+                    (now, f"forgotten ({mode})", pool["id"], target["seq"]),
+                )
+                seq = self._event(pool, "forget", now, injection_id=injection_id, detail=json.dumps({"mode": mode, "snapshots_deleted": doomed}))
+                if file is not None:
+                    if mode == "fast":  # the reset state cannot be recomputed from texts: replay starts here
+                        base = {"base_file": file, "base_seq": seq, "base_reason": f"injection {injection_id} was forgotten (fast)"}
+                    sets = {"state_file": file, **base}
+                    self._db.execute(f"UPDATE pools SET {','.join(f'{k}=?' for k in sets)} WHERE id=?", (*sets.values(), pool["id"]))
+                if doomed:
+                    self._db.execute(f"DELETE FROM snapshots WHERE pool_id=? AND label IN ({','.join('?' * len(doomed))})", (pool["id"], *doomed))
+            if file is not None:
+                self._remember(pool["id"], file, new_state)
+            self._collect(pool["id"])
+        return ForgetReport(injection_id, mode, slots, replayed, doomed, was_live)
+
+    # ------------------------------------------------------------------ export / import
+    def export(self, name: str, path: str | os.PathLike, *, tenant: str = "") -> Path:
+        """One zip file: manifest.json (pool facts + ledger), live.safetensors, base.safetensors.
+        Snapshots are not exported. Written atomically."""
+        with self._locked_pool(name, tenant) as pool:
+            d = self._pool_dir(pool["id"])
+            manifest = {
+                "format": EXPORT_FORMAT, "name": pool["name"], "seed": pool["seed"], "model_id": pool["model_id"],
+                "created_at": pool["created_at"], "exported_at": time.time(), "base_seq": pool["base_seq"], "base_reason": pool["base_reason"],
+                "next_injection_id": pool["next_injection_id"],
+                "ledger": [e.to_dict() for e in self.history(name, tenant=tenant)],
+            }
+
+            def write(tmp):
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:  # tensors do not compress
+                    z.writestr("manifest.json", json.dumps(manifest, indent=1))
+                    z.write(d / pool["state_file"], "live.safetensors")
+                    z.write(d / pool["base_file"], "base.safetensors")
+
+            atomic_write(path, write)
+        return Path(path)
+
+    def import_file(self, path: str | os.PathLike, name: str | None = None, *, tenant: str = "") -> PoolInfo:
+        """Create a pool from an exported file (under its own name unless `name` is given).
+        The ledger is kept (ids, texts, statuses); replay still starts at the exported base."""
+        try:
+            z = zipfile.ZipFile(path)
+            manifest = json.loads(z.read("manifest.json"))
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise StoreError(f"{path} is not a memory export: {e}") from e
+        with z:
+            if manifest.get("format") != EXPORT_FORMAT:
+                raise StoreError(f"{path}: unknown export format {manifest.get('format')!r}, expected {EXPORT_FORMAT!r}")
+            name = check_name(name or manifest.get("name", ""))
+            with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
+                try:
+                    states = {k: (z.extract(f"{k}.safetensors", tmp), self.lm.load_memory(Path(tmp) / f"{k}.safetensors")) for k in ("live", "base")}
+                except KeyError as e:
+                    raise StoreError(f"{path}: missing {e}") from e
+                now = time.time()
+                with self._db_lock:
+                    if self._db.execute("SELECT 1 FROM pools WHERE tenant=? AND name=?", (tenant, name)).fetchone():
+                        raise AlreadyExists(f"memory {name!r} already exists")
+                    with self._db:
+                        ledger = manifest["ledger"]
+                        last_seq = max([e["seq"] for e in ledger], default=0)
+                        cur = self._db.execute(
+                            "INSERT INTO pools(tenant,name,seed,model_id,created_at,state_file,base_file,base_seq,base_reason,next_seq,next_injection_id) "
+                            "VALUES (?,?,?,?,?,'','',?,?,?,?)",
+                            (tenant, name, int(manifest["seed"]), self.lm.model_id, now, int(manifest["base_seq"]), str(manifest["base_reason"]), last_seq + 1, int(manifest["next_injection_id"])),
+                        )
+                        pool_id = cur.lastrowid
+                        files = {k: self._write_state(pool_id, s) for k, (_, s) in states.items()}
+                        self._db.execute("UPDATE pools SET state_file=?, base_file=? WHERE id=?", (files["live"], files["base"], pool_id))
+                        cols = [f for f in LedgerEntry.__dataclass_fields__]
+                        for e in ledger:
+                            self._db.execute(
+                                f"INSERT INTO ledger(pool_id,{','.join(cols)}) VALUES (?{',?' * len(cols)})",
+                                (pool_id, *[e.get(c) for c in cols]),
+                            )
+                        row = self._db.execute("SELECT * FROM pools WHERE id=?", (pool_id,)).fetchone()
+                        self._event(row, "import", now, detail=json.dumps({"from": Path(path).name, "exported_at": manifest.get("exported_at")}))
+        return self.info(name, tenant=tenant)
+
+
+def reset_slots(state: MemoryState, injection_id: int) -> MemoryState:
+    """A copy of `state` with every slot written by `injection_id` zeroed and marked never
+    written; a pool left with no written slot is empty again (the next injection tiles it)."""
+    out = state.clone()
+    mask = out.provenance == injection_id
+    out.memory[mask.to(out.memory.device)] = 0
+    out.provenance[mask] = NEVER_WRITTEN
+    if bool((out.provenance == NEVER_WRITTEN).all()):
+        out.initialized = False
+    out.version += 1
+    out.cache = None
+    return out
+
+
+def _state_differences(live: MemoryState, rebuilt: MemoryState) -> list[str]:
+    out = []
+    lm_, rm_ = live.logical_memory().cpu(), rebuilt.logical_memory().cpu()
+    if lm_.shape != rm_.shape:
+        return [f"shape {tuple(lm_.shape)} vs replay {tuple(rm_.shape)}"]
+    rows = (lm_ != rm_).any(-1)
+    if rows.any():
+        per_layer = rows.sum(1).tolist()
+        out.append(f"memory: {int(rows.sum())} slots differ (per layer {per_layer})")
+    if not torch.equal(live.logical_provenance(), rebuilt.logical_provenance()):
+        out.append("slot provenance differs")
+    if not torch.equal(live.generator.get_state(), rebuilt.generator.get_state()):
+        out.append("drop generator state differs")
+    for f in ("initialized", "update_count", "last_injection_id", "model_id"):
+        if getattr(live, f) != getattr(rebuilt, f):
+            out.append(f"{f}: live {getattr(live, f)!r} vs replay {getattr(rebuilt, f)!r}")
+    return out
+
+
+def _entry(r: sqlite3.Row, include_text: bool = True) -> LedgerEntry:
+    e = LedgerEntry(**{k: r[k] for k in LedgerEntry.__dataclass_fields__})
+    if e.allow_short is not None:
+        e.allow_short = bool(e.allow_short)
+    if not include_text:
+        e.text = None
+    return e
