@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_parser as add_eval_parser  # memoryllm eval <task>
 
     add_eval_parser(sub)
+    from .service import add_parser as add_service_parser  # memoryllm serve / keys
+
+    add_service_parser(sub)
     from .train.cli import add_parser as add_train_parser  # memoryllm train --config FILE
 
     add_train_parser(sub)

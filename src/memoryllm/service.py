@@ -1,0 +1,513 @@
+"""HTTP service over MemoryStore: tenants with API keys, one memory namespace per tenant.
+
+    memoryllm keys create --data data/ --tenant acme      # prints the key once
+    memoryllm serve --data data/ --port 8000              # OpenAPI at /docs and /openapi.json
+
+    curl -H "Authorization: Bearer $KEY" -d '{"name": "alice"}' localhost:8000/v1/memories
+    curl -H "Authorization: Bearer $KEY" -d '{"text": "..."}' localhost:8000/v1/memories/alice/inject
+    curl -H "Authorization: Bearer $KEY" -d '{"prompt": "...", "stream": true}' localhost:8000/v1/memories/alice/generate
+
+Injections into one pool are serialised by the store; generations for different pools that
+arrive within ``batch_wait_ms`` of each other go through the model together
+(``MemoryLM.generate_batch``). Another tenant's memory answers 404, exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import secrets
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .store import FORGET_MODES, NAME_RE, AlreadyExists, InvalidName, MemoryStore, NotFound, NotReplayable, StoreError, check_name
+
+NAME_PATTERN = f"^{NAME_RE.pattern}$"
+KEY_PREFIX = "mlk"
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys: only sha256(key) is stored; the key itself is shown once, at creation
+# ---------------------------------------------------------------------------------------------
+class KeyStore:
+    """API keys in ``<data_dir>/keys.db``. A key is ``mlk_<key id>_<secret>``; lookups hash
+    the presented key, so the database never holds anything that authenticates."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(Path(data_dir) / "keys.db", check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS api_keys(key_id TEXT PRIMARY KEY, key_sha256 TEXT UNIQUE NOT NULL, tenant TEXT NOT NULL, "
+            "label TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL)"
+        )
+        self._db.commit()
+        self._lock = threading.Lock()
+
+    def create(self, tenant: str, label: str = "") -> tuple[str, str]:
+        """(key id, key): the key is not stored and cannot be shown again."""
+        check_name(tenant, "tenant")
+        key_id = secrets.token_hex(4)
+        key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+        with self._lock, self._db:
+            self._db.execute("INSERT INTO api_keys VALUES (?,?,?,?,?,NULL)", (key_id, _sha256(key), tenant, label, time.time()))
+        return key_id, key
+
+    def list(self) -> list[dict]:
+        with self._lock:
+            return [dict(r) | {"key_sha256": None} for r in self._db.execute("SELECT * FROM api_keys ORDER BY created_at")]
+
+    def revoke(self, key_id: str) -> None:
+        with self._lock, self._db:
+            cur = self._db.execute("UPDATE api_keys SET revoked_at=? WHERE key_id=? AND revoked_at IS NULL", (time.time(), key_id))
+        if cur.rowcount == 0:
+            raise NotFound(f"no active key with id {key_id!r}")
+
+    def tenant(self, key: str) -> str | None:
+        """The tenant of a valid, unrevoked key; None otherwise. Read per request, so a
+        revocation from the CLI takes effect on the next request."""
+        with self._lock:
+            row = self._db.execute("SELECT tenant FROM api_keys WHERE key_sha256=? AND revoked_at IS NULL", (_sha256(key),)).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _sha256(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batching of generations
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    state: object
+    prompt: object
+    params: dict
+    future: Future
+
+
+class GenerateBatcher:
+    """Collects generate requests for up to ``max_wait_s`` (or ``max_batch`` of them) and runs
+    each group with equal sampling parameters through ``lm.generate_batch`` as one batch.
+
+    Seeded sampling is never batched with others: its random draws would depend on what it was
+    batched with. A batch that fails is retried row by row, so one bad request fails alone."""
+
+    def __init__(self, lm, max_batch: int = 8, max_wait_s: float = 0.005, on_batch=None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.lm, self.max_batch, self.max_wait_s, self.on_batch = lm, max_batch, max_wait_s, on_batch
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="generate-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, state, prompt, **params) -> Future:
+        fut: Future = Future()
+        self._q.put(_Job(state, prompt, params, fut))
+        return fut
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    job = self._q.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._q.put(None)
+                    break
+                batch.append(job)
+            groups = defaultdict(list)
+            for i, job in enumerate(batch):
+                key = i if job.params.get("seed") is not None else json.dumps(job.params, sort_keys=True, default=str)
+                groups[key].append(job)
+            for jobs in groups.values():
+                self._run(jobs)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            outs = self.lm.generate_batch([j.state for j in jobs], [j.prompt for j in jobs], **jobs[0].params)
+        except Exception as e:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(e)
+                return
+            for j in jobs:
+                self._run([j])
+            return
+        if self.on_batch:
+            self.on_batch(len(jobs))
+        for j, out in zip(jobs, outs):
+            j.future.set_result(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (Prometheus text format, no dependency)
+# ---------------------------------------------------------------------------------------------
+class Metrics:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counters: dict[tuple, float] = defaultdict(float)
+        self.started = time.time()
+
+    def inc(self, name: str, value: float = 1.0, **labels) -> None:
+        with self._lock:
+            self.counters[(name, tuple(sorted(labels.items())))] += value
+
+    def render(self, gauges: dict[str, float]) -> str:
+        lines = []
+        with self._lock:
+            items = sorted(self.counters.items())
+        for name, value in [("memoryllm_uptime_seconds", time.time() - self.started), *gauges.items()]:
+            lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
+        typed = set()
+        for (name, labels), value in items:
+            if name not in typed:
+                typed.add(name)
+                lines.append(f"# TYPE {name} counter")
+            lab = ",".join(f'{k}="{v}"' for k, v in labels)
+            lines.append(f"{name}{{{lab}}} {value:g}" if lab else f"{name} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Request body limit (pure ASGI: refuses before the app parses anything)
+# ---------------------------------------------------------------------------------------------
+class BodyLimit:
+    def __init__(self, app, max_bytes: int, import_max_bytes: int):
+        self.app, self.max_bytes, self.import_max_bytes = app, max_bytes, import_max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.import_max_bytes if scope["path"].endswith("/import") else self.max_bytes
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _too_large(send, int(declared), limit)
+        messages, size = [], 0
+        while True:  # read the body (also a chunked one) up to the limit
+            msg = await receive()
+            if msg["type"] != "http.request":
+                messages.append(msg)
+                break
+            size += len(msg.get("body", b""))
+            if size > limit:
+                return await _too_large(send, size, limit, at_least=True)
+            messages.append(msg)
+            if not msg.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(send, size: int, limit: int, at_least: bool = False) -> None:
+    detail = f"request body too large: {'more than ' if at_least else ''}{size} bytes, the limit is {limit} bytes; split the text into several injections"
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ServiceSettings:
+    max_body_bytes: int = 1 << 20  # 1 MiB: ~250k tokens of text per request
+    max_import_bytes: int = 2 << 30  # an exported pool (the default model's is ~300 MB)
+    max_new_tokens: int = 512
+    max_texts: int = 64  # texts per inject request
+    max_batch: int = 8  # generations batched together (1: one at a time)
+    batch_wait_ms: float = 5.0
+
+
+def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: ServiceSettings | None = None):
+    from fastapi import Depends, FastAPI, HTTPException, Query, Request
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    from starlette.background import BackgroundTask
+
+    from .lm import InjectionError
+    from .state import MemoryStateError
+
+    settings = settings or ServiceSettings()
+    keys = keys or KeyStore(store.dir)
+    metrics = Metrics()
+    batcher = GenerateBatcher(store.lm, settings.max_batch, settings.batch_wait_ms / 1000, on_batch=lambda n: (metrics.inc("memoryllm_generate_batches_total"), metrics.inc("memoryllm_generate_batched_rows_total", n)))
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class CreateMemory(Strict):
+        name: str = Field(pattern=NAME_PATTERN, description="1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'")
+        seed: int | None = Field(None, ge=0, lt=2**63, description="seed of the drop generator (random when omitted)")
+
+    class InjectRequest(Strict):
+        text: str | None = Field(None, min_length=1, description="one text (or use texts)")
+        texts: list[str] | None = Field(None, min_length=1, max_length=settings.max_texts, description="several texts, injected in order, committed together")
+        source: str = Field("", max_length=256)
+        store_text: bool = Field(True, description="false: the ledger keeps only hash and token count (no replay across it)")
+        allow_short: bool = False
+
+        @model_validator(mode="after")
+        def one_of(self):
+            if (self.text is None) == (self.texts is None):
+                raise ValueError("give exactly one of 'text' or 'texts'")
+            if self.texts is not None and any(not t for t in self.texts):
+                raise ValueError("texts must be non-empty strings")
+            return self
+
+    class GenerateRequest(Strict):
+        prompt: str = Field(min_length=1, max_length=100_000)
+        max_new_tokens: int = Field(64, ge=1, le=settings.max_new_tokens)
+        temperature: float = Field(0.0, ge=0, le=10)
+        top_p: float = Field(1.0, gt=0, le=1)
+        top_k: int = Field(0, ge=0, le=100_000)
+        seed: int | None = Field(None, ge=0, lt=2**63)
+        stop: list[str] = Field(default_factory=list, max_length=16)
+        chat: bool | None = Field(None, description="apply the chat template (default: when the tokenizer has one)")
+        stream: bool = Field(False, description="server-sent events: 'data: {\"text\": ...}' per piece, then 'event: done'")
+
+        def sampling(self) -> dict:
+            return self.model_dump(exclude={"prompt", "stream"})
+
+    class SnapshotRequest(Strict):
+        label: str = Field(pattern=NAME_PATTERN)
+
+    class ForgetRequest(Strict):
+        injection_id: int = Field(ge=1)
+        mode: str = Field("fast", pattern="^(" + "|".join(FORGET_MODES) + ")$", description="fast: reset its slots; exact: replay without it")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="memoryllm", version="1", lifespan=lifespan, description="Per-tenant self-updating memories (MemoryLLM): inject, generate, versions, forgetting.")
+    app.state.store, app.state.keys, app.state.batcher, app.state.metrics = store, keys, batcher, metrics
+    bearer = HTTPBearer(auto_error=False)
+
+    def tenant(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        t = keys.tenant(creds.credentials) if creds else None
+        if t is None:
+            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
+        return t
+
+    def pool_name(name: str) -> str:
+        check_name(name)
+        return name
+
+    for exc, status in ((InvalidName, 422), (NotFound, 404), (AlreadyExists, 409), (NotReplayable, 409), (InjectionError, 422), (StoreError, 400), (MemoryStateError, 500), (ValueError, 422)):
+        app.add_exception_handler(exc, lambda request, e, status=status: JSONResponse({"detail": str(e)}, status_code=status))
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.inc("memoryllm_requests_total", method=request.method, route=path, status=response.status_code)
+        metrics.inc("memoryllm_request_seconds_total", time.perf_counter() - t0, method=request.method, route=path)
+        return response
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": store.lm.name, "model_id": store.lm.model_id}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def get_metrics():
+        return metrics.render({"memoryllm_batch_max": settings.max_batch})
+
+    @app.post("/v1/memories", status_code=201)
+    def create_memory(req: CreateMemory, t: str = Depends(tenant)):
+        return asdict(store.create(req.name, seed=req.seed, tenant=t)) | {"tenant": None}
+
+    @app.get("/v1/memories")
+    def list_memories(t: str = Depends(tenant)):
+        return {"memories": [asdict(p) | {"tenant": None} for p in store.list(tenant=t)]}
+
+    @app.get("/v1/memories/{name}")
+    def get_memory(name: str = Depends(pool_name), t: str = Depends(tenant)):
+        return asdict(store.info(name, tenant=t)) | {"tenant": None}
+
+    @app.delete("/v1/memories/{name}", status_code=204)
+    def delete_memory(name: str = Depends(pool_name), t: str = Depends(tenant)):
+        store.delete(name, tenant=t)
+        return Response(status_code=204)
+
+    @app.post("/v1/memories/{name}/inject")
+    def inject(req: InjectRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
+        texts = req.texts if req.texts is not None else [req.text]
+        entries = store.inject(name, texts, source=req.source, store_text=req.store_text, allow_short=req.allow_short, tenant=t)
+        metrics.inc("memoryllm_injections_total", len(entries))
+        return {"injections": [e.to_dict(include_text=False) for e in entries]}
+
+    @app.post("/v1/memories/{name}/generate")
+    async def generate(req: GenerateRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
+        state = await asyncio.to_thread(store.memory, name, tenant=t)  # 404 before anything starts; may read a file
+        if req.stream:
+            def events():
+                try:
+                    for piece in store.lm.stream(state, req.prompt, **req.sampling()):
+                        yield f"data: {json.dumps({'text': piece})}\n\n"
+                    yield "event: done\ndata: {}\n\n"
+                except Exception as e:  # headers are sent: report in-band
+                    yield f"event: error\ndata: {json.dumps({'detail': str(e)})}\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            g = await asyncio.wrap_future(batcher.submit(state, req.prompt, **req.sampling()))
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
+        metrics.inc("memoryllm_generated_tokens_total", len(g.token_ids))
+        return {"text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids)}
+
+    @app.get("/v1/memories/{name}/ledger")
+    def ledger(name: str = Depends(pool_name), t: str = Depends(tenant), include_text: bool = False):
+        return {"entries": [e.to_dict(include_text) for e in store.history(name, tenant=t)]}
+
+    @app.post("/v1/memories/{name}/snapshots", status_code=201)
+    def snapshot(req: SnapshotRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
+        return asdict(store.snapshot(name, req.label, tenant=t))
+
+    @app.get("/v1/memories/{name}/snapshots")
+    def snapshots(name: str = Depends(pool_name), t: str = Depends(tenant)):
+        return {"snapshots": [asdict(s) for s in store.snapshots(name, tenant=t)]}
+
+    @app.delete("/v1/memories/{name}/snapshots/{label}", status_code=204)
+    def delete_snapshot(label: str, name: str = Depends(pool_name), t: str = Depends(tenant)):
+        store.delete_snapshot(name, label, tenant=t)
+        return Response(status_code=204)
+
+    @app.post("/v1/memories/{name}/rollback")
+    def rollback(req: SnapshotRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
+        return asdict(store.rollback(name, req.label, tenant=t))
+
+    @app.post("/v1/memories/{name}/forget")
+    def forget(req: ForgetRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
+        return asdict(store.forget(name, req.injection_id, req.mode, tenant=t))
+
+    @app.get("/v1/memories/{name}/diff")
+    def diff(name: str = Depends(pool_name), t: str = Depends(tenant), a: str | None = Query(None, alias="from"), b: str | None = Query(None, alias="to")):
+        return store.diff(name, a, b, tenant=t)
+
+    @app.get("/v1/memories/{name}/verify")
+    def verify(name: str = Depends(pool_name), t: str = Depends(tenant)):
+        return asdict(store.verify(name, tenant=t))
+
+    @app.get("/v1/memories/{name}/export", response_class=FileResponse)
+    def export(name: str = Depends(pool_name), t: str = Depends(tenant)):
+        fd, path = tempfile.mkstemp(suffix=".zip", dir=store.dir)
+        os.close(fd)
+        store.export(name, path, tenant=t)
+        return FileResponse(path, media_type="application/zip", filename=f"{name}.memory.zip", background=BackgroundTask(os.unlink, path))
+
+    @app.put("/v1/memories/{name}/import", status_code=201)
+    async def import_(request: Request, name: str = Depends(pool_name), t: str = Depends(tenant)):
+        """Body: a file made by export (application/zip)."""
+        fd, path = tempfile.mkstemp(suffix=".zip", dir=store.dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    f.write(chunk)
+            info = await asyncio.to_thread(store.import_file, path, name, tenant=t)
+        finally:
+            os.unlink(path)
+        return asdict(info) | {"tenant": None}
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: memoryllm serve / memoryllm keys ...
+# ---------------------------------------------------------------------------------------------
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="HTTP service: per-tenant memories (FastAPI + uvicorn)")
+    p.add_argument("--data", required=True, help="data directory (pools, ledger, keys)")
+    p.add_argument("--model", default=None, help="local model folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    d = ServiceSettings()
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="generations batched together (1: one at a time)")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="how long the first request waits for others")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.set_defaults(handler=cmd_serve)
+
+    k = subparsers.add_parser("keys", help="API keys of the service: create, list, revoke")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    c = ks.add_parser("create", help="a new key for a tenant (printed once)")
+    c.add_argument("--data", required=True)
+    c.add_argument("--tenant", required=True)
+    c.add_argument("--label", default="")
+    c.set_defaults(handler=cmd_keys)
+    c = ks.add_parser("list", help="keys (ids, tenants, dates; never the keys)")
+    c.add_argument("--data", required=True)
+    c.set_defaults(handler=cmd_keys)
+    c = ks.add_parser("revoke", help="revoke a key by its id")
+    c.add_argument("--data", required=True)
+    c.add_argument("key_id")
+    c.set_defaults(handler=cmd_keys)
+
+
+def cmd_keys(args) -> int:
+    keys = KeyStore(args.data)
+    try:
+        if args.keys_command == "create":
+            key_id, key = keys.create(args.tenant, args.label)
+            print(f"key id: {key_id}\ntenant: {args.tenant}\nkey:    {key}\n(store it now: only its hash is kept)")
+        elif args.keys_command == "list":
+            for r in keys.list():
+                state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['revoked_at']))}" if r["revoked_at"] else "active"
+                print(f"{r['key_id']}  {r['tenant']:<20} {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['created_at']))}  {state}  {r['label']}")
+        else:
+            keys.revoke(args.key_id)
+            print(f"revoked {args.key_id}")
+    except (StoreError, KeyError) as e:
+        print(f"memoryllm keys: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        keys.close()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import torch
+    import uvicorn
+
+    from .lm import load
+
+    lm = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    settings = ServiceSettings(max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    with MemoryStore(args.data, lm) as store:
+        uvicorn.run(create_app(store, settings=settings), host=args.host, port=args.port, log_level="warning")
+    return 0
