@@ -12,7 +12,6 @@ arrive within ``batch_wait_ms`` of each other go through the model together
 (``MemoryLM.generate_batch``). Another tenant's memory answers 404, exactly like a missing one.
 """
 
-from __future__ import annotations
 
 import asyncio
 import contextlib
@@ -84,6 +83,11 @@ class KeyStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _public(info) -> dict:
+    """A pool's facts without its tenant (the caller's own, by construction)."""
+    return {k: v for k, v in asdict(info).items() if k != "tenant"}
 
 
 def _sha256(s: str) -> str:
@@ -312,6 +316,7 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
 
     app = FastAPI(title="memoryllm", version="1", lifespan=lifespan, description="Per-tenant self-updating memories (MemoryLLM): inject, generate, versions, forgetting.")
     app.state.store, app.state.keys, app.state.batcher, app.state.metrics = store, keys, batcher, metrics
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, import_max_bytes=settings.max_import_bytes)
     bearer = HTTPBearer(auto_error=False)
 
     def tenant(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
@@ -347,15 +352,15 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
 
     @app.post("/v1/memories", status_code=201)
     def create_memory(req: CreateMemory, t: str = Depends(tenant)):
-        return asdict(store.create(req.name, seed=req.seed, tenant=t)) | {"tenant": None}
+        return _public(store.create(req.name, seed=req.seed, tenant=t))
 
     @app.get("/v1/memories")
     def list_memories(t: str = Depends(tenant)):
-        return {"memories": [asdict(p) | {"tenant": None} for p in store.list(tenant=t)]}
+        return {"memories": [_public(p) for p in store.list(tenant=t)]}
 
     @app.get("/v1/memories/{name}")
     def get_memory(name: str = Depends(pool_name), t: str = Depends(tenant)):
-        return asdict(store.info(name, tenant=t)) | {"tenant": None}
+        return _public(store.info(name, tenant=t))
 
     @app.delete("/v1/memories/{name}", status_code=204)
     def delete_memory(name: str = Depends(pool_name), t: str = Depends(tenant)):
@@ -440,7 +445,7 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
             info = await asyncio.to_thread(store.import_file, path, name, tenant=t)
         finally:
             os.unlink(path)
-        return asdict(info) | {"tenant": None}
+        return _public(info)
 
     return app
 
