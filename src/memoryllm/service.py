@@ -466,6 +466,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="how long the first request waits for others")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a shared CPU 1 avoids oversubscription)")
     p.set_defaults(handler=cmd_serve)
 
     k = subparsers.add_parser("keys", help="API keys of the service: create, list, revoke")
@@ -511,6 +512,8 @@ def cmd_serve(args) -> int:
 
     from .lm import load
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     settings = ServiceSettings(max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
     with MemoryStore(args.data, lm) as store:
