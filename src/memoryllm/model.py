@@ -286,9 +286,12 @@ class MemoryLLM(nn.Module):
         positions = positions.to(dev) + has_bos
         bos_pos = torch.zeros(B, L, int(has_bos), dtype=positions.dtype, device=dev)
         ks, vs = [], []
+        # unbind once: indexing memory[:, l] per layer would make backward fill a full-size zero
+        # gradient for every layer (training reads pools with gradient)
+        per_layer = memory.unbind(1)
         for l, layer in enumerate(self.model.layers):
             cos, sin = self.rope(torch.cat([bos_pos[:, l], positions[:, l]], dim=1), memory.dtype)
-            x = layer.input_layernorm(self._with_bos(l, memory[:, l]))
+            x = layer.input_layernorm(self._with_bos(l, per_layer[l]))
             k, v = layer.self_attn.kv(x, cos, sin)
             ks.append(k)
             vs.append(v)
@@ -361,7 +364,10 @@ class MemoryLLM(nn.Module):
         if bool((n_ctx == 0).any()):
             raise ValueError("cannot write an empty context into memory")
         has_bos = self.bos_embedding is not None
-        P = K + has_bos  # prefix slots in the frame
+        any_init = bool(init.any())
+        # An empty pool's row runs its context alone; when no row has a pool, the (fully masked)
+        # prefix is left out of the frame: the same outputs for a fraction of the compute.
+        P = K + has_bos if any_init else 0  # prefix slots in the frame
         # key validity and positions in the frame [B, P + T]
         prefix_valid = init[:, None].expand(B, P)
         key_valid = torch.cat([prefix_valid, ctx_valid], dim=1)
@@ -383,12 +389,17 @@ class MemoryLLM(nn.Module):
 
         ctx = self.model.embed_tokens(input_ids)
         outs = []
+        tails = memory[:, :, -K:].unbind(1) if any_init else None  # unbind: see memory_prefix
         for l, layer in enumerate(self.model.layers):
-            prefix = self._with_bos(l, memory[:, l, -K:].to(ctx.dtype))
+            prefix = self._with_bos(l, tails[l].to(ctx.dtype)) if any_init else ctx[:, :0]
             frame = torch.cat([prefix, ctx], dim=1).gather(1, gather[..., None].expand(-1, -1, ctx.shape[-1]))
             frame = frame + mark * self.new_memory_positional_emb.to(ctx.dtype)
             out = layer(frame, cos, sin, mask)
-            outs.append(out[:, -K:])
+            if out.shape[1] < K:  # a short context and no prefix: left-pad to K rows (count says which are real)
+                out_k = torch.cat([out.new_zeros(B, K - out.shape[1], out.shape[2]), out], dim=1)
+                outs.append(out_k)
+            else:
+                outs.append(out[:, -K:])
             # only context positions go on: undo the permutation for the context slots
             ctx = out.gather(1, self._context_slots(pads, P, T)[..., None].expand(-1, -1, out.shape[-1]))
         count = torch.where(init, K, n_ctx.clamp(max=K))
@@ -410,8 +421,9 @@ def update_pool(memory: Tensor | Sequence[Tensor], initialized: Tensor, new_toke
     tiling the new tokens, the last ones winning any remainder).
     """
     rows = []
+    pools = memory.unbind(0) if isinstance(memory, Tensor) else memory  # unbind: see memory_prefix
     for b in range(len(memory)):
-        pool = memory[b]
+        pool = pools[b]
         L, N, d = pool.shape
         new = new_tokens[b, :, new_tokens.shape[2] - int(count[b]) :].to(pool.dtype)
         if not bool(initialized[b]):

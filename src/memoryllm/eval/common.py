@@ -53,13 +53,9 @@ def model_info(lm) -> dict:
         "parameters_M": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 2),
         "dtype": str(lm.model.dtype).replace("torch.", ""),
     }
-    try:
-        from ..loading import SHIPPED_WEIGHTS
-
-        if lm.name.endswith("(embedded default)"):
-            info["trained_memory_weights"] = SHIPPED_WEIGHTS.is_file()
-    except Exception:  # pragma: no cover - loading module absent in exotic installs
-        pass
+    if hasattr(lm.model, "applied_weights"):  # set by loading.load_default: what was applied
+        info["trained_memory_weights"] = lm.model.applied_weights is not None
+        info["applied_weights"] = lm.model.applied_weights
     return info
 
 

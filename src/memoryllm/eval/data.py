@@ -16,6 +16,7 @@ Names without a path (``counterfactual_qa``) resolve to the shared data folder: 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -23,6 +24,15 @@ import re
 from pathlib import Path
 
 SHARED_NAMES = ("counterfactual_qa", "squad_disfluent_qa", "wikidata_facts", "news_articles", "wikipedia_articles")
+HELDOUT_PERCENT = 20
+
+
+def is_heldout(row_id: str) -> bool:
+    """The one train / evaluation split of every dataset: a row is held out (never trained on)
+    when the first 32 bits of sha256(id) mod 100 fall below HELDOUT_PERCENT. It depends on the id
+    alone, so it is the same on every machine, for every file order and every subset of rows."""
+    h = int.from_bytes(hashlib.sha256(str(row_id).encode("utf-8")).digest()[:4], "big")
+    return h % 100 < HELDOUT_PERCENT
 
 
 class DataError(ValueError):

@@ -1,0 +1,214 @@
+"""The paper's training routines (section 3.2, appendix B.1), one short function each, plus QA.
+
+Every routine describes one micro-batch as a ``Batch``: contexts to inject (round by round, one
+per row per round), the sequence then read with memory, and where its loss starts. One function,
+``memory_loss``, runs any Batch, so the routines differ only in what they inject, whether the
+gradient flows through the injection, and what the prediction reads:
+
+routine                          injects                      grad through it   reads
+new_knowledge, process A (Fig 2) x1                           yes               bos + the K new tokens
+new_knowledge, process B (Fig 2) x1                           no                the whole updated pool
+continuous                       x1 .. x(n-1)                 no                the whole pool
+forgetting (Alg. 1)              x1, then g unrelated docs    no                the whole pool
+qa                               the row's context            configurable      the whole pool
+
+The LM routines start from the evolving training pool (``TrainPool``); after each optimizer step
+the step's contexts are written into it without gradient (the integrity rule), so new memory
+keeps the distribution of old memory. All randomness of a micro-batch comes from its global
+index, so a run is the same on one process, on many (DDP), and after a resume.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model import MemoryLLM, update_pool
+from .data import TrainData
+
+
+@dataclass
+class Batch:
+    routine: str
+    contexts: list[list[list[int]]]  # [round][row]: injected in order
+    targets: list[list[int]]  # [row]: read with memory
+    loss_start: list[int]  # [row]: first target position whose token is scored
+    grad_through_injection: bool
+    read_new_only: bool  # process A: the prediction sees bos + the K new tokens only
+    fresh_pool: bool  # start from an empty pool instead of the training pool
+    seed: int  # drop indices of this micro-batch's pool copies
+
+    def num_tokens(self) -> int:
+        return sum(len(c) for rnd in self.contexts for c in rnd) + sum(map(len, self.targets))
+
+
+def _lengths(rng: random.Random, cfg, n: int) -> list[int]:
+    return [rng.randint(cfg.segment_min, cfg.segment_max) for _ in range(n)]
+
+
+def new_knowledge(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
+    """Routine 1: a document split into (x1, x2); inject x1, predict x2. Process A (share
+    process_a_prob) backpropagates through the injection and reads only the K new tokens;
+    process B injects without gradient and reads the whole updated pool."""
+    pairs = [data.segments(rng, _lengths(rng, cfg, 2))[1] for _ in range(cfg.batch_size)]
+    a = rng.random() < cfg.process_a_prob
+    return Batch("new_knowledge_A" if a else "new_knowledge_B", [[p[0] for p in pairs]], [p[1] for p in pairs], [1] * len(pairs), a, a, False, rng.getrandbits(63))
+
+
+def continuous(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
+    """Routine 2: a document split into x1..xn; inject x1..x(n-1) without gradient, loss on xn.
+    n grows over training from continuous_min_segments to continuous_max_segments."""
+    ramp = min(1.0, step / max(1, cfg.continuous_ramp_steps))
+    n_max = round(cfg.continuous_min_segments + ramp * (cfg.continuous_max_segments - cfg.continuous_min_segments))
+    n = rng.randint(cfg.continuous_min_segments, n_max)
+    docs = [data.segments(rng, _lengths(rng, cfg, n))[1] for _ in range(cfg.batch_size)]
+    rounds = [[d[r] for d in docs] for r in range(n - 1)]
+    return Batch("continuous", rounds, [d[-1] for d in docs], [1] * len(docs), False, False, False, rng.getrandbits(63))
+
+
+def forgetting(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
+    """Routine 3 (Algorithm 1): cache a target (x1, x2), inject x1, then g unrelated documents
+    (1 <= g <= forgetting_max_gap), then predict the cached x2 from what survived."""
+    gap = rng.randint(1, cfg.forgetting_max_gap)
+    rows = []
+    for _ in range(cfg.batch_size):
+        doc, (x1, x2) = data.segments(rng, _lengths(rng, cfg, 2))
+        unrelated = [data.segments(rng, _lengths(rng, cfg, 1), exclude=doc)[1][0] for _ in range(gap)]
+        rows.append(([x1, *unrelated], x2))
+    rounds = [[r[0][k] for r in rows] for k in range(gap + 1)]
+    return Batch("forgetting", rounds, [r[1] for r in rows], [1] * len(rows), False, False, False, rng.getrandbits(63))
+
+
+def qa(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
+    """Contextual QA (the 8B release also trained on it): inject the row's context, score the
+    answer given "Question: ... Answer:". Language modelling alone did not teach the 135M
+    default to answer from memory (issue 5), hence this routine."""
+    if not data.qa:
+        raise ValueError("ratio_qa > 0 but there are no QA training rows (qa_data)")
+    rows = [data.qa[rng.randrange(len(data.qa))] for _ in range(cfg.batch_size)]
+    return Batch("qa", [[r.context for r in rows]], [r.prompt + r.answer for r in rows], [len(r.prompt) for r in rows], cfg.qa_grad_through_injection, False, cfg.qa_fresh_pool, rng.getrandbits(63))
+
+
+ROUTINE_FNS = {"new_knowledge": new_knowledge, "continuous": continuous, "forgetting": forgetting, "qa": qa}
+
+
+def build_batch(cfg, data: TrainData, index: int, step: int) -> Batch:
+    """The micro-batch with global index ``index`` (a function of seed and index only)."""
+    rng = random.Random(f"{cfg.seed}:{index}")
+    names, weights = zip(*cfg.ratios().items())
+    routine = rng.choices(names, weights)[0]
+    return ROUTINE_FNS[routine](data, rng, cfg, step)
+
+
+# --------------------------------------------------------------------------------------------
+# Running a Batch
+# --------------------------------------------------------------------------------------------
+
+
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r) :] = True
+    return ids.to(device), mask.to(device)
+
+
+def draw_keep(gen: torch.Generator, num_layers: int, n: int, drop: int, per_layer: bool) -> Tensor:
+    """Sorted survivor indices, the same rule as MemoryState.draw_keep_indices."""
+    rows = [torch.randperm(n, generator=gen)[: n - drop].sort().values for _ in range(num_layers if per_layer else 1)]
+    return torch.stack(rows)
+
+
+def inject(model: MemoryLLM, memory: Tensor, init: Tensor, rows: list[list[int]], gen: torch.Generator, pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One self-update of each pool in a batch (memory [B, L, N, d], logical order); gradient
+    flows when grad mode is on. Returns (updated pools, all-initialised flags, new tokens)."""
+    ids, mask = left_pad(rows, pad, memory.device)
+    new, count = model.new_memory_tokens(memory, init, ids, mask)
+    L, N = memory.shape[1], memory.shape[2]
+    per_layer = model.config.drop_memory_per_layer
+    keep = [draw_keep(gen, L, N, int(count[b]), per_layer) if bool(init[b]) else None for b in range(len(rows))]
+    return update_pool(memory, init, new, count, keep), torch.ones_like(init), new
+
+
+def memory_loss(model: MemoryLLM, batch: Batch, pool: "TrainPool", pad: int) -> tuple[Tensor, int]:
+    """Mean next-token loss over the batch's scored target tokens, reading memory that the
+    batch's contexts were injected into. Returns (loss, number of scored tokens)."""
+    cfg, dev = model.config, model.device
+    B = len(batch.targets)
+    L, N, d = cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size
+    gen = torch.Generator().manual_seed(batch.seed)
+    if batch.fresh_pool or not pool.initialized:
+        memory = torch.zeros(B, L, N, d, dtype=model.dtype, device=dev)
+        init = torch.zeros(B, dtype=torch.bool, device=dev)
+    else:
+        memory = pool.memory.to(dev, model.dtype)[None].expand(B, -1, -1, -1)
+        init = torch.ones(B, dtype=torch.bool, device=dev)
+    new = None
+    with torch.set_grad_enabled(batch.grad_through_injection and torch.is_grad_enabled()):
+        for rows in batch.contexts:
+            memory, init, new = inject(model, memory, init, rows, gen, pad)
+    if batch.read_new_only:
+        if not bool(init.all()) or new is None:
+            raise ValueError("reading only the new tokens needs an initialised pool")
+        memory = new  # [B, L, K, d]: the prediction sees bos + the K new memory tokens
+
+    ids, mask = left_pad(batch.targets, pad, dev)
+    T = ids.shape[1]
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for b, (t, s) in enumerate(zip(batch.targets, batch.loss_start)):
+        labels[b, T - len(t) + s :] = torch.tensor(t[s:], dtype=torch.long)
+    # logits only for the positions that predict a scored token (targets are left-padded, so the
+    # scored tokens are at the end): saves the vocabulary projection of QA prompts
+    keep = max(len(t) - s for t, s in zip(batch.targets, batch.loss_start)) + 1
+    keep = min(keep, T)
+    logits = model(ids, mask, memory=memory, initialized=init, logits_to_keep=keep)
+    lab = labels[:, T - keep + 1 :].to(dev)
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+    return loss, int((lab != -100).sum())
+
+
+class RoutineModule(nn.Module):
+    """MemoryLLM behind one forward(batch, pool) -> loss, so DistributedDataParallel sees every
+    micro-batch as a single forward call (its gradient hooks are prepared there)."""
+
+    def __init__(self, model: MemoryLLM, pad: int):
+        super().__init__()
+        self.model = model
+        self.pad = pad
+
+    def forward(self, batch: Batch, pool: "TrainPool") -> tuple[Tensor, int]:
+        return memory_loss(self.model, batch, pool, self.pad)
+
+
+class TrainPool:
+    """The single memory pool that evolves through training (logical order, oldest first)."""
+
+    def __init__(self, model: MemoryLLM, seed: int):
+        cfg = model.config
+        self.memory = torch.zeros(cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, dtype=torch.float32)
+        self.initialized = False
+        self.updates = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def write(self, model: MemoryLLM, contexts: list[list[int]], pad: int) -> None:
+        """The integrity rule: the step's contexts go into the pool, in order, without gradient."""
+        for ctx in contexts:
+            init = torch.tensor([self.initialized], device=model.device)
+            mem, _, _ = inject(model, self.memory.to(model.device, model.dtype)[None], init, [ctx], self.generator, pad)
+            self.memory = mem[0].float().cpu()
+            self.initialized = True
+            self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"memory": self.memory, "initialized": self.initialized, "updates": self.updates, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory, self.initialized, self.updates = state["memory"].float(), bool(state["initialized"]), int(state["updates"])
+        self.generator.set_state(state["generator"])
