@@ -176,6 +176,18 @@ def test_forget_exact_equals_never_having_injected(store):
     assert store.inject("a", CORPUS[4])[0].injection_id == 5  # ids are never reused
 
 
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_forgotten_text_leaves_no_bytes_on_disk(store, mode):
+    secret = "The vault code is 7391 and it opens the north door of the old mill."
+    store.create("a", seed=1)
+    store.inject("a", [CORPUS[0], secret, CORPUS[1]])
+    store.forget("a", 2, mode)
+    for f in store.dir.rglob("*"):  # the DB, its WAL, state files
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    assert store.verify("a").ok
+
+
 def test_forget_deletes_snapshots_that_contain_it(store):
     store.create("a", seed=1)
     store.inject("a", CORPUS[0])

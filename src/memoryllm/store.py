@@ -227,6 +227,8 @@ class MemoryStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # forgotten texts are overwritten with zeros in the DB file, not just unlinked from it
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(SCHEMA)
         self._db_lock = threading.RLock()  # one connection shared by threads
         self._pool_locks: dict[int, threading.Lock] = {}
@@ -407,8 +409,17 @@ class MemoryStore:
         with self._db_lock:
             live = self._db.execute("SELECT COUNT(*) FROM ledger WHERE pool_id=? AND kind='inject' AND status='live'", (row["id"],)).fetchone()[0]
             snaps = self._db.execute("SELECT COUNT(*) FROM snapshots WHERE pool_id=?", (row["id"],)).fetchone()[0]
-        state = self._load_state(row["id"], row["state_file"])
-        return PoolInfo(row["name"], row["tenant"], row["seed"], row["model_id"], row["created_at"], live, state.update_count, snaps, row["base_seq"], row["base_reason"])
+        return PoolInfo(row["name"], row["tenant"], row["seed"], row["model_id"], row["created_at"], live, self._update_count(row), snaps, row["base_seq"], row["base_reason"])
+
+    def _update_count(self, row: sqlite3.Row) -> int:
+        """From the loaded state, or else the state file's header (listing must not load pools)."""
+        state = self._live.get(f"{row['id']}/{row['state_file']}")
+        if state is not None:
+            return state.update_count
+        from safetensors import safe_open
+
+        with safe_open(str(self._pool_dir(row["id"]) / row["state_file"]), "pt") as f:
+            return int((f.metadata() or {}).get("update_count", 0))
 
     def list(self, *, tenant: str = "") -> list[PoolInfo]:
         with self._db_lock:
@@ -655,6 +666,8 @@ class MemoryStore:
                     self._db.execute(f"UPDATE pools SET {','.join(f'{k}=?' for k in sets)} WHERE id=?", (*sets.values(), pool["id"]))
                 if doomed:
                     self._db.execute(f"DELETE FROM snapshots WHERE pool_id=? AND label IN ({','.join('?' * len(doomed))})", (pool["id"], *doomed))
+            with self._db_lock:  # the WAL still holds the old page with the text: fold it in, truncate
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             if file is not None:
                 self._remember(pool["id"], file, new_state)
             self._collect(pool["id"])
