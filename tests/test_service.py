@@ -290,3 +290,23 @@ def test_fuzzed_request_bodies_never_cause_a_server_error(env):
     check()
     for name in store.names(tenant="acme"):
         assert store.verify(name, tenant="acme").ok
+
+
+def test_keys_command_line(tmp_path, capsys):
+    from memoryllm.cli import main
+
+    data = str(tmp_path / "d")
+    assert main(["keys", "create", "--data", data, "--tenant", "acme", "--label", "ci"]) == 0
+    out = capsys.readouterr().out
+    key_id, key = out.split("key id: ")[1].split()[0], out.split("key:    ")[1].split()[0]
+    keys = KeyStore(data)
+    assert keys.tenant(key) == "acme"
+    assert main(["keys", "list", "--data", data]) == 0
+    listed = capsys.readouterr().out
+    assert key_id in listed and "active" in listed and key not in listed
+    assert main(["keys", "revoke", "--data", data, key_id]) == 0
+    assert keys.tenant(key) is None
+    assert main(["keys", "revoke", "--data", data, key_id]) == 2
+    assert "no active key" in capsys.readouterr().err
+    assert main(["keys", "create", "--data", data, "--tenant", "../evil"]) == 2
+    keys.close()
