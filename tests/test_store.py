@@ -358,3 +358,15 @@ def test_generate_reads_the_live_pool(store):
     assert "".join(store.stream("a", "Where?", max_new_tokens=5)) == g.text
     batch = store.generate_batch(["a", "b"], ["Where?", "Who?"], max_new_tokens=5)
     assert len(batch) == 2 and all(isinstance(x.text, str) for x in batch)
+
+
+def test_reading_a_pool_whose_file_an_injection_just_replaced(store, monkeypatch):
+    store.create("a", seed=1)
+    store.inject("a", CORPUS[0])
+    stale = store._pool("a", "")  # a reader got this row ...
+    store.inject("a", CORPUS[1])  # ... then an injection committed and deleted that file
+    store._live.clear()
+    real, calls = store._pool, []
+    monkeypatch.setattr(store, "_pool", lambda name, tenant: calls.append(1) or (stale if len(calls) == 1 else real(name, tenant)))
+    assert store.memory("a").equal(reference(store.lm, 1, [(CORPUS[0], 1), (CORPUS[1], 2)]))
+    assert len(calls) == 2

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .state import NEVER_WRITTEN, MemoryState, MemoryStateError, atomic_write
 
@@ -418,8 +419,13 @@ class MemoryStore:
             return state.update_count
         from safetensors import safe_open
 
-        with safe_open(str(self._pool_dir(row["id"]) / row["state_file"]), "pt") as f:
-            return int((f.metadata() or {}).get("update_count", 0))
+        try:
+            with safe_open(str(self._pool_dir(row["id"]) / row["state_file"]), "pt") as f:
+                return int((f.metadata() or {}).get("update_count", 0))
+        except (OSError, SafetensorError):  # replaced by a commit since the row was read
+            with self._db_lock:
+                row = self._db.execute("SELECT * FROM pools WHERE id=?", (row["id"],)).fetchone()
+            return self._load_state(row["id"], row["state_file"]).update_count if row else 0
 
     def list(self, *, tenant: str = "") -> list[PoolInfo]:
         with self._db_lock:
@@ -442,8 +448,15 @@ class MemoryStore:
 
     def memory(self, name: str, *, tenant: str = "") -> MemoryState:
         """The live pool (shared: read it, do not write it; injections replace it, never mutate it)."""
-        row = self._pool(name, tenant)
-        return self._load_state(row["id"], row["state_file"])
+        for _ in range(3):
+            row = self._pool(name, tenant)
+            try:
+                return self._load_state(row["id"], row["state_file"])
+            except MemoryStateError:
+                # an injection may have committed and deleted this file since we read the row
+                if (self._pool_dir(row["id"]) / row["state_file"]).exists():
+                    raise
+        raise StoreError(f"memory {name!r} changes too fast to be read; try again")
 
     # ------------------------------------------------------------------ writing
     def inject(self, name: str, text: str | Sequence[str], *, source: str = "", store_text: bool = True, allow_short: bool = False, tenant: str = "") -> list[LedgerEntry]:
