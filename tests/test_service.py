@@ -104,6 +104,7 @@ def test_bodies_and_lengths_are_bounded(env):
         ("/v1/memories/a/generate", {"prompt": ""}, "at least 1 character"),
         ("/v1/memories/a/generate", {"prompt": "hi", "top_p": 0}, "greater than 0"),
         ("/v1/memories/a/generate", {"prompt": "hi", "bogus": 1}, "Extra inputs"),
+        ("/v1/memories/a/generate", {"prompt": "hi", "stop": [""], "stream": True}, "at least 1 character"),
         ("/v1/memories/a/inject", {"texts": [CORPUS[0]] * 5}, "at most 4 items"),
         ("/v1/memories/a/inject", {"text": CORPUS[0], "texts": [CORPUS[1]]}, "exactly one of"),
         ("/v1/memories/a/inject", {}, "exactly one of"),

@@ -29,6 +29,7 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 from .store import FORGET_MODES, NAME_RE, AlreadyExists, InvalidName, MemoryStore, NotFound, NotReplayable, StoreError, check_name
 
@@ -295,7 +296,7 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
         top_p: float = Field(1.0, gt=0, le=1)
         top_k: int = Field(0, ge=0, le=100_000)
         seed: int | None = Field(None, ge=0, lt=2**63)
-        stop: list[str] = Field(default_factory=list, max_length=16)
+        stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=16)
         chat: bool | None = Field(None, description="apply the chat template (default: when the tokenizer has one)")
         stream: bool = Field(False, description="server-sent events: 'data: {\"text\": ...}' per piece, then 'event: done'")
 
