@@ -158,6 +158,11 @@ def memory_loss(model: MemoryLLM, batch: Batch, pool: "TrainPool", pad: int) -> 
             raise ValueError("reading only the new tokens needs an initialised pool")
         memory = new  # [B, L, K, d]: the prediction sees bos + the K new memory tokens
 
+    return _scored_loss(model, batch, memory, init, pad)
+
+
+def _scored_loss(model: MemoryLLM, batch: Batch, memory: Tensor | None, init: Tensor | None, pad: int) -> tuple[Tensor, int]:
+    B, dev = len(batch.targets), model.device
     ids, mask = left_pad(batch.targets, pad, dev)
     T = ids.shape[1]
     labels = torch.full((B, T), -100, dtype=torch.long)
@@ -167,10 +172,21 @@ def memory_loss(model: MemoryLLM, batch: Batch, pool: "TrainPool", pad: int) -> 
     # scored tokens are at the end): saves the vocabulary projection of QA prompts
     keep = max(len(t) - s for t, s in zip(batch.targets, batch.loss_start)) + 1
     keep = min(keep, T)
-    logits = model(ids, mask, memory=memory, initialized=init, logits_to_keep=keep)
+    logits = model(ids, mask, memory=memory, initialized=True if init is None else init, logits_to_keep=keep)
     lab = labels[:, T - keep + 1 :].to(dev)
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
     return loss, int((lab != -100).sum())
+
+
+def prompt_loss(model: MemoryLLM, batch: Batch, pad: int, prompt: list[list[int]] | None = None) -> tuple[Tensor, int]:
+    """The same scored tokens as ``memory_loss`` without memory: the target alone (prompt None,
+    the memory-off baseline) or after ``prompt[b]`` in the context window (the base model given
+    the context in its prompt)."""
+    prompt = prompt or [[] for _ in batch.targets]
+    rows = [p + t for p, t in zip(prompt, batch.targets)]
+    starts = [len(p) + s for p, s in zip(prompt, batch.loss_start)]
+    plain = Batch(batch.routine, [], rows, starts, False, False, True, batch.seed)
+    return _scored_loss(model, plain, None, None, pad)
 
 
 class RoutineModule(nn.Module):

@@ -1,0 +1,208 @@
+"""Training (memoryllm.train) on tiny random models: each routine learns to use memory on a toy
+task whose answers exist only in the injected context; DDP on two CPU processes equals one
+process with the same global batch; a resumed run equals an uninterrupted one; gradient flows
+through the injection only where the paper says; config errors; export -> load round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import socket
+
+import pytest
+import torch
+
+from conftest import make_tokenizer, tiny_model
+from memoryllm import loading
+from memoryllm.train import ConfigError, TrainConfig, export_weights, train
+from memoryllm.train.data import QARow, TrainData
+from memoryllm.train.engine import prepare_trainable
+from memoryllm.train.routines import TrainPool, build_batch, memory_loss
+
+ROUTINES = ("new_knowledge", "continuous", "forgetting", "qa")
+SEG = 8
+ALPHABET = list(range(10, 42))
+FILLER = 7
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared CI machine; also keeps the runs bit-reproducible
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_data(seed: int, parts: str, n: int = 3000) -> TrainData:
+    """Each document has a secret token v. 'A' segments are v repeated, 'R' segments a filler
+    token; the last segment (the target) opens with a noise token, so the token after it is v,
+    known only from memory. QA rows: context v x 8, question [5, 6], answer v."""
+    rng = random.Random(seed)
+    docs, qa = [], []
+    for i in range(n):
+        v = rng.choice(ALPHABET)
+        doc = []
+        for p in parts:
+            doc += [v] * SEG if p == "A" else [FILLER] * SEG
+        doc[-SEG] = rng.choice(ALPHABET)
+        docs.append(doc)
+        qa.append(QARow(f"{seed}-{i}", [v] * SEG, [5, 6], [v]))
+    return TrainData(docs, qa)
+
+
+def toy_config(tmp_path, routine: str | None = None, **kw) -> TrainConfig:
+    ratios = {f"ratio_{r}": float(routine is None or r == routine) for r in ROUTINES}
+    base = dict(
+        segment_min=SEG, segment_max=SEG, batch_size=8, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
+        out_dir=str(tmp_path / "run"), checkpoint_every=0, progress=False, resume=False,
+        continuous_min_segments=3, continuous_max_segments=3, forgetting_max_gap=1, pool_warmup_contexts=1,
+    )
+    return TrainConfig(**{**base, **ratios, **kw})
+
+
+def held_out_losses(model, cfg, data, pool, n=12) -> tuple[float, float]:
+    """(loss with the row's own memory, loss with another row's memory) on unseen documents."""
+    on, off = [], []
+    with torch.no_grad():
+        for i in range(n):
+            b = build_batch(cfg, data, 10_000 + i, cfg.steps)
+            on.append(memory_loss(model, b, pool, 0)[0].item())
+            swapped = dataclasses.replace(b, contexts=[rows[1:] + rows[:1] for rows in b.contexts])
+            off.append(memory_loss(model, swapped, pool, 0)[0].item())
+    return sum(on) / n, sum(off) / n
+
+
+@pytest.mark.parametrize("routine,steps,margin", [("new_knowledge", 50, 0.5), ("continuous", 80, 0.3), ("forgetting", 60, 0.2), ("qa", 30, 2.0)])
+def test_routine_learns_to_use_memory(tmp_path, routine, steps, margin):
+    parts = "ARA" if routine == "continuous" else "AA"
+    # integrity_contexts=0: the pool keeps its warm-up content, so the only secret in memory is
+    # the row's own (the integrity rule is exercised by the DDP and resume tests)
+    cfg = toy_config(tmp_path, routine, steps=steps, full_finetune=True, integrity_contexts=0)
+    res = train(cfg, model=tiny_model(num_tokens=8, num_blocks=4), tokenizer=make_tokenizer(), data=toy_data(0, parts))
+    losses = res["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0  # it learned
+    model = res["model"].eval()
+    on, off = held_out_losses(model, cfg, toy_data(1, parts), res["pool"])
+    assert on < off - margin, (on, off)  # and what it learned is read from memory
+
+
+def test_grad_flows_through_injection_only_in_process_a(tmp_path):
+    """new_memory_positional_emb only acts inside a self-update of an initialised pool: its
+    gradient shows whether the loss was backpropagated through the injection."""
+    model = tiny_model(num_tokens=8, num_blocks=2)
+    data = toy_data(0, "ARA", n=50)
+    seen = {}
+    for process_a_prob, routine in [(1.0, "new_knowledge"), (0.0, "new_knowledge"), (0.0, "continuous"), (0.0, "forgetting")]:
+        cfg = toy_config(tmp_path, routine, process_a_prob=process_a_prob, batch_size=2)
+        prepare_trainable(model, cfg) if not seen else None
+        pool = TrainPool(model, 0)
+        pool.write(model, [data.docs[0][:SEG]], 0)
+        model.zero_grad(set_to_none=True)
+        batch = build_batch(cfg, data, 0, 0)
+        loss, _ = memory_loss(model, batch, pool, 0)
+        loss.backward()
+        g = model.new_memory_positional_emb.grad
+        seen[batch.routine] = g is not None and bool(g.abs().sum() > 0)
+        lora_grad = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+        assert any(x is not None and x.abs().sum() > 0 for x in lora_grad)  # reading is trained in every routine
+    assert seen == {"new_knowledge_A": True, "new_knowledge_B": False, "continuous": False, "forgetting": False}
+    # QA into the training pool: through the injection unless switched off
+    for through in (True, False):
+        cfg = toy_config(tmp_path, "qa", qa_fresh_pool=False, qa_grad_through_injection=through, batch_size=2)
+        model.zero_grad(set_to_none=True)
+        memory_loss(model, build_batch(cfg, data, 0, 0), pool, 0)[0].backward()
+        g = model.new_memory_positional_emb.grad
+        assert (g is not None and bool(g.abs().sum() > 0)) == through
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    data = toy_data(0, "ARA", n=200)
+    kw = dict(steps=6, batch_size=2, lora_r=2, checkpoint_every=2, resume=True, lr=3e-3)
+    full = train(toy_config(tmp_path / "a", **kw), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
+    cfg = toy_config(tmp_path / "b", **kw)
+    first = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=data, stop_after=3)
+    assert first["end_step"] == 3 and first["checkpoint"].name == "step-000003.pt"
+    second = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=data)  # a new process would do the same
+    assert second["start_step"] == 3
+    assert first["losses"] + second["losses"] == full["losses"]
+    a, b = _params(full["model"]), _params(second["model"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(full["pool"].memory, second["pool"].memory)
+    rows = (tmp_path / "b" / "run" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(1, 7)]  # one row per step, none twice
+    with pytest.raises(ConfigError, match="lora_r"):  # a checkpoint of another shape is refused
+        train(dataclasses.replace(cfg, lora_r=4), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    res = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=toy_data(0, "ARA", n=200))
+    torch.save({"params": _params(res["model"]), "losses": res["losses"], "pool": res["pool"].memory}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    kw = dict(steps=3, batch_size=2, lora_r=2, lr=3e-3)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), toy_config(tmp_path / "ddp", **kw), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # the same global batch on one process: grad_accum = world size
+    single = train(toy_config(tmp_path / "one", grad_accum=2, **kw), model=tiny_model(), tokenizer=make_tokenizer(), data=toy_data(0, "ARA", n=200))
+    one = _params(single["model"])
+    for k in one:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k  # ranks never diverge
+        torch.testing.assert_close(r0["params"][k], one[k], rtol=1e-5, atol=1e-6)
+    assert torch.equal(r0["pool"], r1["pool"])  # every rank writes the same contexts to its pool
+    torch.testing.assert_close(r0["pool"], single["pool"].memory, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('steps = 7\nlr = 1e-3\ntext_data = ["a.jsonl"]\n')
+    cfg = TrainConfig.load(f, ["batch_size=3", "lora_targets=q_proj,v_proj", "max_seconds=none", "precision=bf16"])
+    assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.text_data, cfg.lora_targets, cfg.precision) == (7, 1e-3, 3, ["a.jsonl"], ["q_proj", "v_proj"], "bf16")
+    with pytest.raises(ConfigError, match=r"unknown config key 'setps' \(did you mean 'steps'\?\)"):
+        TrainConfig.load(f, ["setps=3"])
+    with pytest.raises(ConfigError, match="steps must be int"):
+        TrainConfig.load(None, ["steps=many"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        TrainConfig.load(None, ["steps"])
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig.load(None, ["precision=fp8"])
+    (tmp_path / "bad.toml").write_text("lr = [\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        TrainConfig.load(tmp_path / "bad.toml")
+
+
+def test_export_loads_into_base_model(tmp_path):
+    """The exported LoRA factors + embeddings, merged by loading.apply_trained_weights, give
+    the trained model's outputs."""
+    cfg = toy_config(tmp_path, steps=3, batch_size=2, lora_r=2, lr=1e-2)
+    res = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=toy_data(0, "ARA", n=100))
+    path = export_weights(res["model"], cfg, tmp_path / "w.safetensors")
+    base = tiny_model()
+    info = loading.apply_trained_weights(base, path)
+    assert info["lora_modules"] == 2 * 7 and info["tensors"] == ["bos_embedding", "new_memory_positional_emb"]
+    ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
+    memory = torch.randn(1, 2, base.config.num_memory_tokens, base.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids, memory=memory), res["model"].eval()(ids, memory=memory), rtol=1e-4, atol=1e-4)
+        new_a, _ = base.new_memory_tokens(memory, True, ids)
+        new_b, _ = res["model"].new_memory_tokens(memory, True, ids)
+    torch.testing.assert_close(new_a, new_b, rtol=1e-4, atol=1e-4)
