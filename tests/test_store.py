@@ -370,3 +370,29 @@ def test_reading_a_pool_whose_file_an_injection_just_replaced(store, monkeypatch
     monkeypatch.setattr(store, "_pool", lambda name, tenant: calls.append(1) or (stale if len(calls) == 1 else real(name, tenant)))
     assert store.memory("a").equal(reference(store.lm, 1, [(CORPUS[0], 1), (CORPUS[1], 2)]))
     assert len(calls) == 2
+
+
+def test_import_refuses_damaged_manifests_and_leaves_nothing(store, tmp_path):
+    import json
+    import zipfile
+
+    store.create("a", seed=1)
+    store.inject("a", CORPUS[0])
+    good = store.export("a", tmp_path / "a.zip")
+    with zipfile.ZipFile(good) as z:
+        manifest, files = json.loads(z.read("manifest.json")), {n: z.read(n) for n in ("live.safetensors", "base.safetensors")}
+    damages = {"no seed": lambda m: m.pop("seed"), "ledger not a list": lambda m: m.update(ledger=3),
+               "repeated seq": lambda m: m["ledger"].append(m["ledger"][0]), "text as object": lambda m: m["ledger"][1].update(text={"x": 1})}
+    for what, damage in damages.items():
+        m = json.loads(json.dumps(manifest))
+        damage(m)
+        bad = tmp_path / "bad.zip"
+        with zipfile.ZipFile(bad, "w") as z:
+            z.writestr("manifest.json", json.dumps(m))
+            for n, b in files.items():
+                z.writestr(n, b)
+        with pytest.raises(StoreError, match="damaged"):
+            store.import_file(bad, "b")
+        assert store.names() == ["a"], what
+    assert sorted(p.name for p in (store.dir / "pools").iterdir()) == [str(store._pool("a", "")["id"])]
+    assert list((store.dir / "staging").iterdir()) == []

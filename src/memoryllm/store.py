@@ -29,6 +29,7 @@ event becomes the base and ``verify`` says why it starts there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,6 +56,7 @@ from .state import NEVER_WRITTEN, MemoryState, MemoryStateError, atomic_write
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 EXPORT_FORMAT = "memoryllm-pool/1"
 FORGET_MODES = ("fast", "exact")
+STAGING = "staging"  # new pools' files before their rows exist (emptied by recover)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pools(
@@ -257,6 +259,29 @@ class MemoryStore:
         state.save(self._pool_dir(pool_id) / name)  # temp + fsync + rename + fsync(dir)
         return name
 
+    def _stage(self, state: MemoryState) -> Path:
+        """Write a new pool's state before its row exists (the slow part, outside the DB lock)."""
+        path = self.dir / STAGING / f"{uuid.uuid4().hex}.safetensors"
+        state.save(path)
+        return path
+
+    def _exists(self, pool_id: int) -> bool:
+        """Whether the pool's row is committed (else its directory is an orphan)."""
+        with self._db_lock:
+            return self._db.execute("SELECT 1 FROM pools WHERE id=?", (pool_id,)).fetchone() is not None
+
+    def _adopt(self, pool_id: int, staged: Path) -> str:
+        """Move a staged file into the pool's directory (inside the creating transaction)."""
+        d = self._pool_dir(pool_id)
+        d.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, d / staged.name)
+        fd = os.open(d, os.O_RDONLY)  # the rename must be on disk before the commit that names it
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return staged.name
+
     def _load_state(self, pool_id: int, file: str) -> MemoryState:
         key = f"{pool_id}/{file}"
         with self._db_lock:
@@ -302,6 +327,9 @@ class MemoryStore:
         """Remove what a killed process left: temp files, unreferenced state files, directories of
         pools whose creation never committed or whose deletion did. Returns what was removed."""
         removed = []
+        if (self.dir / STAGING).exists():
+            removed += [str(p) for p in (self.dir / STAGING).iterdir()]
+            shutil.rmtree(self.dir / STAGING, ignore_errors=True)
         root = self.dir / "pools"
         root.mkdir(exist_ok=True)
         with self._db_lock:
@@ -384,22 +412,26 @@ class MemoryStore:
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         now = time.time()
-        with self._db_lock:
-            if self._db.execute("SELECT 1 FROM pools WHERE tenant=? AND name=?", (tenant, name)).fetchone():
-                raise AlreadyExists(f"memory {name!r} already exists")
-            # reserve the id first (the row is not committed until the file exists)
-            with self._db:
-                cur = self._db.execute(
-                    "INSERT INTO pools(tenant,name,seed,model_id,created_at,state_file,base_file,base_seq,base_reason,next_seq,next_injection_id) "
-                    "VALUES (?,?,?,?,?,'','',0,'created empty',1,1)",
-                    (tenant, name, seed, self.lm.model_id, now),
-                )
-                pool_id = cur.lastrowid
-                file = self._write_state(pool_id, self.lm.new_memory(seed=seed))
-                self._db.execute("UPDATE pools SET state_file=?, base_file=? WHERE id=?", (file, file, pool_id))
-                row = self._db.execute("SELECT * FROM pools WHERE id=?", (pool_id,)).fetchone()
-                seq = self._event(row, "create", now, detail=json.dumps({"seed": seed}))
-                self._db.execute("UPDATE pools SET base_seq=? WHERE id=?", (seq, pool_id))
+        if name in self.names(tenant=tenant):  # fail before writing a file (checked again below)
+            raise AlreadyExists(f"memory {name!r} already exists")
+        staged = self._stage(self.lm.new_memory(seed=seed))
+        with _removing(staged), contextlib.ExitStack() as stack:
+            with self._db_lock:
+                if self._db.execute("SELECT 1 FROM pools WHERE tenant=? AND name=?", (tenant, name)).fetchone():
+                    raise AlreadyExists(f"memory {name!r} already exists")
+                with self._db:  # one transaction: row, file moved in, 'create' event
+                    cur = self._db.execute(
+                        "INSERT INTO pools(tenant,name,seed,model_id,created_at,state_file,base_file,base_seq,base_reason,next_seq,next_injection_id) "
+                        "VALUES (?,?,?,?,?,'','',0,'created empty',1,1)",
+                        (tenant, name, seed, self.lm.model_id, now),
+                    )
+                    pool_id = cur.lastrowid
+                    stack.callback(lambda: None if self._exists(pool_id) else shutil.rmtree(self._pool_dir(pool_id), ignore_errors=True))
+                    file = self._adopt(pool_id, staged)
+                    self._db.execute("UPDATE pools SET state_file=?, base_file=? WHERE id=?", (file, file, pool_id))
+                    row = self._db.execute("SELECT * FROM pools WHERE id=?", (pool_id,)).fetchone()
+                    seq = self._event(row, "create", now, detail=json.dumps({"seed": seed}))
+                    self._db.execute("UPDATE pools SET base_seq=? WHERE id=?", (seq, pool_id))
         return self.info(name, tenant=tenant)
 
     def info(self, name: str, *, tenant: str = "") -> PoolInfo:
@@ -717,38 +749,58 @@ class MemoryStore:
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise StoreError(f"{path} is not a memory export: {e}") from e
         with z:
-            if manifest.get("format") != EXPORT_FORMAT:
-                raise StoreError(f"{path}: unknown export format {manifest.get('format')!r}, expected {EXPORT_FORMAT!r}")
+            if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+                raise StoreError(f"{path}: unknown export format, expected {EXPORT_FORMAT!r}")
             name = check_name(name or manifest.get("name", ""))
-            with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
+            try:
+                ledger = [{c: e.get(c) for c in LedgerEntry.__dataclass_fields__} for e in manifest["ledger"]]
+                facts = (int(manifest["seed"]), int(manifest["base_seq"]), str(manifest["base_reason"]), int(manifest["next_injection_id"]))
+                last_seq = max([int(e["seq"]) for e in ledger], default=0)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise StoreError(f"{path}: damaged manifest: {e!r}") from e
+            staging = self.dir / STAGING
+            staging.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=staging) as tmp:  # recover() removes it after a crash
                 try:
-                    states = {k: (z.extract(f"{k}.safetensors", tmp), self.lm.load_memory(Path(tmp) / f"{k}.safetensors")) for k in ("live", "base")}
+                    states = {k: self.lm.load_memory(z.extract(f"{k}.safetensors", tmp)) for k in ("live", "base")}
                 except KeyError as e:
                     raise StoreError(f"{path}: missing {e}") from e
+                staged = {k: self._stage(st) for k, st in states.items()}
                 now = time.time()
-                with self._db_lock:
+                with self._db_lock, _removing(*staged.values()), contextlib.ExitStack() as stack:
                     if self._db.execute("SELECT 1 FROM pools WHERE tenant=? AND name=?", (tenant, name)).fetchone():
                         raise AlreadyExists(f"memory {name!r} already exists")
                     with self._db:
-                        ledger = manifest["ledger"]
-                        last_seq = max([e["seq"] for e in ledger], default=0)
                         cur = self._db.execute(
                             "INSERT INTO pools(tenant,name,seed,model_id,created_at,state_file,base_file,base_seq,base_reason,next_seq,next_injection_id) "
                             "VALUES (?,?,?,?,?,'','',?,?,?,?)",
-                            (tenant, name, int(manifest["seed"]), self.lm.model_id, now, int(manifest["base_seq"]), str(manifest["base_reason"]), last_seq + 1, int(manifest["next_injection_id"])),
+                            (tenant, name, facts[0], self.lm.model_id, now, facts[1], facts[2], last_seq + 1, facts[3]),
                         )
                         pool_id = cur.lastrowid
-                        files = {k: self._write_state(pool_id, s) for k, (_, s) in states.items()}
+                        stack.callback(lambda: None if self._exists(pool_id) else shutil.rmtree(self._pool_dir(pool_id), ignore_errors=True))
+                        files = {k: self._adopt(pool_id, f) for k, f in staged.items()}
                         self._db.execute("UPDATE pools SET state_file=?, base_file=? WHERE id=?", (files["live"], files["base"], pool_id))
-                        cols = [f for f in LedgerEntry.__dataclass_fields__]
-                        for e in ledger:
-                            self._db.execute(
+                        cols = list(LedgerEntry.__dataclass_fields__)
+                        try:
+                            self._db.executemany(
                                 f"INSERT INTO ledger(pool_id,{','.join(cols)}) VALUES (?{',?' * len(cols)})",
-                                (pool_id, *[e.get(c) for c in cols]),
+                                [(pool_id, *[e[c] for c in cols]) for e in ledger],
                             )
+                        except sqlite3.Error as e:  # e.g. repeated seq numbers, values of the wrong type
+                            raise StoreError(f"{path}: damaged ledger: {e}") from e
                         row = self._db.execute("SELECT * FROM pools WHERE id=?", (pool_id,)).fetchone()
                         self._event(row, "import", now, detail=json.dumps({"from": Path(path).name, "exported_at": manifest.get("exported_at")}))
         return self.info(name, tenant=tenant)
+
+
+@contextlib.contextmanager
+def _removing(*paths: Path):
+    """Delete staged files that were not moved into a pool (on error or refusal)."""
+    try:
+        yield
+    finally:
+        for p in paths:
+            p.unlink(missing_ok=True)
 
 
 def reset_slots(state: MemoryState, injection_id: int) -> MemoryState:
