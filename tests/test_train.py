@@ -9,6 +9,7 @@ import dataclasses
 import os
 import random
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +207,18 @@ def test_export_loads_into_base_model(tmp_path):
         new_a, _ = base.new_memory_tokens(memory, True, ids)
         new_b, _ = res["model"].new_memory_tokens(memory, True, ids)
     torch.testing.assert_close(new_a, new_b, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_train_config_errors_and_print(capsys, tmp_path):
+    from memoryllm.cli import main
+
+    assert main(["train", "setps=3"]) == 2
+    assert "unknown config key 'setps' (did you mean 'steps'?)" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "train_default.toml"
+    assert main(["train", "--config", str(shipped), "--print-config", "steps=3"]) == 0
+    import json
+
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 3 and printed["num_blocks"] == 4 and printed["ratio_qa"] > 0.5
