@@ -171,10 +171,11 @@ def main(argv=None) -> int:
     def save():
         write_json(out, result)
 
-    rows = qa_rows(base, args.qa_rows, cfg.qa_max_context_tokens, cfg.qa_max_answer_tokens, args.seed)
-    result.setdefault("qa", {}).update(measure_qa(base, trained, rows, [c for c in QA_CONDITIONS if c in wanted], args.batch_size, log))
-    result["qa_rows"] = {"n": len(rows), "filter": f"held-out, context 16..{cfg.qa_max_context_tokens} tokens, answer <= {cfg.qa_max_answer_tokens} tokens (the training limits)", "prompt": "plain 'Question: ... Answer:' (context in prompt: 'Context: ...\\n' before it)", "generation": "greedy, 10 new tokens, hit = normalised answer in the output"}
-    save()
+    rows = qa_rows(base, args.qa_rows, cfg.qa_max_context_tokens, cfg.qa_max_answer_tokens, args.seed) if args.qa_rows else []
+    if rows:
+        result.setdefault("qa", {}).update(measure_qa(base, trained, rows, [c for c in QA_CONDITIONS if c in wanted], args.batch_size, log))
+        result["qa_rows"] = {"n": len(rows), "filter": f"held-out, context 16..{cfg.qa_max_context_tokens} tokens, answer <= {cfg.qa_max_answer_tokens} tokens (the training limits)", "prompt": "plain 'Question: ... Answer:' (context in prompt: 'Context: ...\\n' before it)", "generation": "greedy, 10 new tokens, hit = normalised answer in the output"}
+        save()
     lm_conds = [c for c in ("none", "memory_base", "memory_trained", "prompt_last", "prompt_all") if c in wanted]
     if args.lm_pairs:
         pairs = lm_examples(cfg, base.tokenizer, args.lm_pairs, 2, args.seed)
