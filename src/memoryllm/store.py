@@ -290,13 +290,11 @@ class MemoryStore:
                 self._live.move_to_end(key)
                 return state
         state = self.lm.load_memory(self._pool_dir(pool_id) / file)
-        with self._db_lock:
-            self._live[key] = state
-            while len(self._live) > self._max_cached:
-                self._live.popitem(last=False)
+        self._remember(pool_id, file, state)
         return state
 
     def _remember(self, pool_id: int, file: str, state: MemoryState) -> None:
+        """Keep a state in the LRU of loaded states (keyed by file: a new version never collides)."""
         with self._db_lock:
             self._live[f"{pool_id}/{file}"] = state
             while len(self._live) > self._max_cached:
@@ -359,27 +357,15 @@ class MemoryStore:
         with self._db_lock:
             return self._pool_locks.setdefault(pool_id, threading.Lock())
 
+    @contextlib.contextmanager
     def _locked_pool(self, name: str, tenant: str):
-        """Context: the pool's row, read again under its lock (so it is current)."""
+        """The pool's row, read again under its lock (so it is current while the lock is held)."""
         row = self._pool(name, tenant)
-        lock = self._lock(row["id"])
-
-        class _Ctx:
-            def __enter__(ctx):
-                lock.acquire()
-                try:
-                    current = self._pool(name, tenant)
-                    if current["id"] != row["id"]:  # deleted (and made again) while we waited
-                        raise NotFound(f"memory {name!r} was deleted")
-                    return current
-                except BaseException:
-                    lock.release()
-                    raise
-
-            def __exit__(ctx, *exc):
-                lock.release()
-
-        return _Ctx()
+        with self._lock(row["id"]):
+            current = self._pool(name, tenant)
+            if current["id"] != row["id"]:  # deleted (and made again) while we waited
+                raise NotFound(f"memory {name!r} was deleted")
+            yield current
 
     def _event(self, pool: sqlite3.Row, kind: str, now: float, **cols) -> int:
         """Append a ledger row (inside the caller's transaction); returns its seq."""
