@@ -22,7 +22,7 @@ from memoryllm.store import MemoryStore
 
 torch.set_num_threads(1)
 
-LIMITS = ServiceSettings(max_body_bytes=16_384, max_new_tokens=16, max_texts=4, max_batch=4, batch_wait_ms=30)
+LIMITS = ServiceSettings(max_body_bytes=16_384, max_new_tokens=16, max_texts=4, max_batch=4, batch_wait_ms=30, max_pools_per_tenant=3)
 
 
 @pytest.fixture
@@ -116,6 +116,10 @@ def test_bodies_and_lengths_are_bounded(env):
         r = c.post(path, json=body, headers=h1)
         assert r.status_code == 422 and message in json.dumps(r.json()), (path, body, r.text)
     assert [h.kind for h in store.history("a", tenant="acme")] == ["create"]  # nothing written
+    for name in ("b", "c"):
+        assert c.post("/v1/memories", json={"name": name}, headers=h1).status_code == 201
+    r = c.post("/v1/memories", json={"name": "d"}, headers=h1)
+    assert r.status_code == 403 and "at most 3 memories" in r.json()["detail"]
 
 
 def test_inject_generate_stream_versions_forget(env):

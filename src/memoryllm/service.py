@@ -248,6 +248,7 @@ class ServiceSettings:
     max_import_bytes: int = 2 << 30  # an exported pool (the default model's is ~300 MB)
     max_new_tokens: int = 512
     max_texts: int = 64  # texts per inject request
+    max_pools_per_tenant: int = 1000  # each pool is a state file (141 MB for the default model)
     max_batch: int = 8  # generations batched together (1: one at a time)
     batch_wait_ms: float = 5.0
 
@@ -353,6 +354,8 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
 
     @app.post("/v1/memories", status_code=201)
     def create_memory(req: CreateMemory, t: str = Depends(tenant)):
+        if len(store.names(tenant=t)) >= settings.max_pools_per_tenant:
+            raise HTTPException(403, f"quota: at most {settings.max_pools_per_tenant} memories per tenant; delete one first")
         return _public(store.create(req.name, seed=req.seed, tenant=t))
 
     @app.get("/v1/memories")
@@ -467,6 +470,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="how long the first request waits for others")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-pools-per-tenant", type=int, default=d.max_pools_per_tenant)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a shared CPU 1 avoids oversubscription)")
     p.set_defaults(handler=cmd_serve)
 
@@ -516,7 +520,8 @@ def cmd_serve(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    settings = ServiceSettings(max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    settings = ServiceSettings(max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                               max_pools_per_tenant=args.max_pools_per_tenant)
     with MemoryStore(args.data, lm) as store:
         uvicorn.run(create_app(store, settings=settings), host=args.host, port=args.port, log_level="warning")
     return 0
