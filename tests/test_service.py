@@ -315,3 +315,24 @@ def test_keys_command_line(tmp_path, capsys):
     assert "no active key" in capsys.readouterr().err
     assert main(["keys", "create", "--data", data, "--tenant", "../evil"]) == 2
     keys.close()
+
+
+def test_verify_command_line(tmp_path, capsys, monkeypatch):
+    import sqlite3
+
+    import memoryllm.lm
+    from memoryllm.cli import main
+
+    data = tmp_path / "d"
+    with MemoryStore(data, tiny_lm()) as store:
+        store.create("a", seed=1, tenant="acme")
+        store.inject("a", CORPUS[:2], tenant="acme")
+        store.create("b", seed=2, tenant="globex")
+    monkeypatch.setattr(memoryllm.lm, "load", lambda *a, **k: tiny_lm())
+    assert main(["verify", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "acme/a: ok: 2 injections replayed" in out and "globex/b: ok" in out
+    with sqlite3.connect(data / "store.db") as db:
+        db.execute("UPDATE ledger SET text=? WHERE injection_id=2", (CORPUS[3],))
+    assert main(["verify", "--data", str(data), "--tenant", "acme", "a"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out

@@ -474,6 +474,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a shared CPU 1 avoids oversubscription)")
     p.set_defaults(handler=cmd_serve)
 
+    v = subparsers.add_parser("verify", help="rebuild memories of a data directory from their ledgers and compare bit for bit (server stopped)")
+    v.add_argument("--data", required=True)
+    v.add_argument("--tenant", default=None, help="only this tenant's memories (default: all)")
+    v.add_argument("names", nargs="*", help="memory names (default: all)")
+    v.add_argument("--model", default=None)
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    v.set_defaults(handler=cmd_verify)
+
     k = subparsers.add_parser("keys", help="API keys of the service: create, list, revoke")
     ks = k.add_subparsers(dest="keys_command", required=True)
     c = ks.add_parser("create", help="a new key for a tenant (printed once)")
@@ -509,6 +517,24 @@ def cmd_keys(args) -> int:
     finally:
         keys.close()
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Exit status 0 when every memory checked is consistent with its ledger, 1 otherwise."""
+    import torch
+
+    from .lm import load
+
+    lm = load(args.model, dtype=getattr(torch, args.dtype))
+    bad = 0
+    with MemoryStore(args.data, lm) as store:
+        tenants = [args.tenant] if args.tenant is not None else store.tenants()
+        for t in tenants:
+            for name in args.names or store.names(tenant=t):
+                report = store.verify(name, tenant=t)
+                bad += not report.ok
+                print(f"{t}/{name}: {report.message}" + "".join(f"\n    {m}" for m in report.mismatches))
+    return 1 if bad else 0
 
 
 def cmd_serve(args) -> int:

@@ -454,6 +454,10 @@ class MemoryStore:
         with self._db_lock:
             return [r[0] for r in self._db.execute("SELECT name FROM pools WHERE tenant=? ORDER BY name", (tenant,))]
 
+    def tenants(self) -> list[str]:
+        with self._db_lock:
+            return [r[0] for r in self._db.execute("SELECT DISTINCT tenant FROM pools ORDER BY tenant")]
+
     def delete(self, name: str, *, tenant: str = "") -> None:
         """Delete a pool, its ledger (texts included) and snapshots."""
         with self._locked_pool(name, tenant) as pool:
