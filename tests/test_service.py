@@ -255,9 +255,12 @@ def test_concurrent_clients_on_loopback_lose_and_duplicate_nothing(tmp_path):
         threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
         for t in threads:
             t.start()
+        with httpx.stream("POST", f"{srv.url}/v1/memories/shared/generate", json={"prompt": "hi", "max_new_tokens": 6, "stream": True}, headers=h, timeout=60) as s:
+            events = [e for e in s.read().decode().split("\n\n") if e]  # streamed while injections run
         for t in threads:
             t.join()
     app.state.batcher.close()
+    assert events[-1].startswith("event: done") and all(e.startswith("data: ") for e in events[:-1])
     assert not errors and set(statuses) == {200}
     injects = [e for e in store.history("shared", tenant="acme") if e.kind == "inject"]
     assert len(injects) == clients * per_client
