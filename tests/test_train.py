@@ -200,6 +200,8 @@ def test_export_loads_into_base_model(tmp_path):
     base = tiny_model()
     info = loading.apply_trained_weights(base, path)
     assert info["lora_modules"] == 2 * 7 and info["tensors"] == ["bos_embedding", "new_memory_positional_emb"]
+    # load_default reads the memory shape the weights were trained with from the file
+    assert loading.trained_shape(path) == {"num_tokens": cfg.num_tokens, "num_blocks": cfg.num_blocks}
     ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
     memory = torch.randn(1, 2, base.config.num_memory_tokens, base.config.hidden_size)
     with torch.no_grad():
