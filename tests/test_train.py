@@ -126,7 +126,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     kw = dict(steps=6, batch_size=2, lora_r=2, checkpoint_every=2, resume=True, lr=3e-3)
     full = train(toy_config(tmp_path / "a", **kw), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
     cfg = toy_config(tmp_path / "b", **kw)
-    first = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=data, stop_after=3)
+    first = train(dataclasses.replace(cfg, stop_at=3), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
     assert first["end_step"] == 3 and first["checkpoint"].name == "step-000003.pt"
     second = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=data)  # a new process would do the same
     assert second["start_step"] == 3

@@ -81,6 +81,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the latest checkpoint in out_dir when there is one
     max_seconds: float | None = None  # stop (after a checkpoint) when this much wall time has passed
+    stop_at: int | None = None  # end this invocation after this step (checkpointed), as if interrupted; the schedule still follows `steps`
     export: str | None = None  # also write the compact trained weights here at the end
     progress: bool = True
 

@@ -233,12 +233,12 @@ class MetricsCSV:
 # --------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, data: TrainData | None = None, stop_after: int | None = None) -> dict:
+def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, data: TrainData | None = None) -> dict:
     """Run (or resume) a training run; returns a summary (losses per step, final state).
 
     model / tokenizer / data default to what the config names (tests pass tiny ones). The run
     writes nothing to out_dir when checkpoint_every is 0 and export is None, except metrics.csv.
-    ``stop_after``: return after this step as if interrupted (tests of resume).
+    ``cfg.stop_at``: return after that step (checkpointed) as if interrupted.
     """
     rank, world, device = init_distributed(cfg.device)
     if cfg.threads:
@@ -351,7 +351,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
             flag = torch.tensor([float(out_of_time)])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             out_of_time = bool(flag.item())
-        stopping = stop_after is not None and step + 1 >= stop_after
+        stopping = cfg.stop_at is not None and step + 1 >= cfg.stop_at
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or done or out_of_time or stopping):
             last_ckpt = _checkpoint(cfg, rank, world, step + 1, model, opt, sched, scaler, pool)
         if out_of_time or stopping:
@@ -359,8 +359,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
     if bar is not None:
         bar.close()
     end = start + len(losses)
-    # exported when the run ends (all steps, or max_seconds); an interrupted test run is not
-    if cfg.export and rank == 0 and stop_after is None:
+    # exported when the run ends (all steps, or max_seconds), not when stopped at stop_at
+    if cfg.export and rank == 0 and (cfg.stop_at is None or end >= cfg.steps):
         export_weights(model, cfg, cfg.export, {"steps": end})
     if world > 1:
         dist.barrier()
