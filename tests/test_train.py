@@ -224,3 +224,12 @@ def test_cli_train_config_errors_and_print(capsys, tmp_path):
 
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 3 and printed["num_blocks"] == 4 and printed["ratio_qa"] > 0.5
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    """precision=bf16 runs under autocast on a CPU; fp16 is refused there (it needs CUDA's loss scaling)."""
+    data = toy_data(0, "ARA", n=50)
+    res = train(toy_config(tmp_path, steps=2, batch_size=2, lora_r=2, precision="bf16"), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
+    assert len(res["losses"]) == 2 and all(0 < x < 20 for x in res["losses"])
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        train(toy_config(tmp_path, steps=1, precision="fp16"), model=tiny_model(), tokenizer=make_tokenizer(), data=data)

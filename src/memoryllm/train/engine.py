@@ -241,6 +241,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
     ``cfg.stop_at``: return after that step (checkpointed) as if interrupted.
     """
     rank, world, device = init_distributed(cfg.device)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs CUDA; use bf16 or fp32 on a CPU")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if model is None:
@@ -258,8 +260,6 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
     use_scaler = cfg.precision == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs CUDA; use bf16 or fp32 on a CPU")
     pool = TrainPool(model, cfg.seed)
 
     module: nn.Module = RoutineModule(model, pad)

@@ -194,8 +194,9 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def plot_loss(metrics_csv: str | Path, png: str | Path, window: int = 10) -> Path:
-    """The training loss per step, one colour per routine, with a moving average per routine."""
+def plot_loss(metrics_csv: str | Path, png: str | Path, window: int = 10, marks: dict[int, str] | None = None) -> Path:
+    """The training loss per step, one colour per routine, with a moving average per routine;
+    ``marks``: {step: label} drawn as vertical lines (e.g. a config change at a resume)."""
     import csv
 
     import matplotlib
@@ -213,6 +214,9 @@ def plot_loss(metrics_csv: str | Path, png: str | Path, window: int = 10) -> Pat
         line = ax.plot(steps, losses, ".", alpha=0.35)[0]
         avg = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
         ax.plot(steps, avg, "-", color=line.get_color(), label=f"{name} (moving mean of {window})")
+    for step, label in (marks or {}).items():
+        ax.axvline(step, color="grey", ls="--", lw=1)
+        ax.text(step, ax.get_ylim()[1], f" {label}", va="top", fontsize=8, color="grey")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean next-token NLL of the scored tokens)")
     ax.set_title("MemoryLLM training of the default model (SmolLM2-135M, LoRA r=8)")
