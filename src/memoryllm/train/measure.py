@@ -145,9 +145,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/training/metrics.json")
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="config overrides (e.g. the segment lengths of the LM pairs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig.load(args.config)
+    cfg = TrainConfig.load(args.config, args.set)
     wanted = set(QA_CONDITIONS) | {"none", "memory_base", "memory_trained", "prompt_last", "prompt_all"}
     if args.conditions == "base":
         wanted = {c for c in wanted if not c.endswith("trained")}
