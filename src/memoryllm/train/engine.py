@@ -114,6 +114,7 @@ def export_weights(model: nn.Module, cfg: TrainConfig, path: str | Path, extra_m
     }
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    os.chmod(path, 0o644)  # the temp file was private (mkstemp); this one is meant to be shipped
     return path
 
 
