@@ -56,11 +56,20 @@ def load_lms(weights: str | None, num_tokens: int, num_blocks: int, need_trained
     return base, trained
 
 
-def qa_rows(lm, n: int, max_context_tokens: int, max_answer_tokens: int, seed: int) -> list[dict]:
-    """The first n held-out counterfactual_qa rows (seeded order) within the training limits."""
+def _passage_key(row: dict) -> str:
+    """The passage with its (swapped-in) answer masked: rows built from one Natural Questions
+    passage share it even when their ids, questions and answers differ."""
+    return row["context"].replace(row["answer"], "#")[:200]
+
+
+def qa_rows(lm, n: int, max_context_tokens: int, max_answer_tokens: int, seed: int, strict: bool = False) -> list[dict]:
+    """The first n held-out counterfactual_qa rows (seeded order) within the training limits;
+    strict: only rows whose passage no training row shares (see _passage_key)."""
     out = []
-    for r in load_qa("counterfactual_qa", seed=seed):
-        if not is_heldout(r["id"]):
+    rows = load_qa("counterfactual_qa", seed=seed)
+    seen = {_passage_key(r) for r in rows if not is_heldout(r["id"])} if strict else set()
+    for r in rows:
+        if not is_heldout(r["id"]) or _passage_key(r) in seen:
             continue
         if not 16 <= len(lm.encode(r["context"])) <= max_context_tokens or len(lm.encode(" " + r["answer"])) > max_answer_tokens:
             continue
@@ -141,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--continuous", default="4,10", help="numbers of segments n for the continuous-context loss")
     p.add_argument("--continuous-docs", type=int, default=24)
     p.add_argument("--conditions", default="all", help="comma list of condition names, 'base' (untrained only) or 'all'")
+    p.add_argument("--strict", action="store_true", help="QA rows whose passage appears in no training row (a stricter split than by id)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -172,10 +182,10 @@ def main(argv=None) -> int:
     def save():
         write_json(out, result)
 
-    rows = qa_rows(base, args.qa_rows, cfg.qa_max_context_tokens, cfg.qa_max_answer_tokens, args.seed) if args.qa_rows else []
+    rows = qa_rows(base, args.qa_rows, cfg.qa_max_context_tokens, cfg.qa_max_answer_tokens, args.seed, args.strict) if args.qa_rows else []
     if rows:
         result.setdefault("qa", {}).update(measure_qa(base, trained, rows, [c for c in QA_CONDITIONS if c in wanted], args.batch_size, log))
-        result["qa_rows"] = {"n": len(rows), "filter": f"held-out, context 16..{cfg.qa_max_context_tokens} tokens, answer <= {cfg.qa_max_answer_tokens} tokens (the training limits)", "prompt": "plain 'Question: ... Answer:' (context in prompt: 'Context: ...\\n' before it)", "generation": "greedy, 10 new tokens, hit = normalised answer in the output"}
+        result["qa_rows"] = {"n": len(rows), "filter": f"held-out{' (strict: passage in no training row)' if args.strict else ''}, context 16..{cfg.qa_max_context_tokens} tokens, answer <= {cfg.qa_max_answer_tokens} tokens (the training limits)", "prompt": "plain 'Question: ... Answer:' (context in prompt: 'Context: ...\\n' before it)", "generation": "greedy, 10 new tokens, hit = normalised answer in the output"}
         save()
     lm_conds = [c for c in ("none", "memory_base", "memory_trained", "prompt_last", "prompt_all") if c in wanted]
     if args.lm_pairs:
