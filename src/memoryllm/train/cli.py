@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -34,6 +35,6 @@ def run(args) -> int:
     from .engine import train
 
     res = train(cfg)
-    if res["losses"]:
+    if res["losses"] and os.environ.get("RANK", "0") == "0":  # one summary under torchrun
         print(json.dumps({"steps": res["end_step"], "final_loss": res["losses"][-1], "seconds": round(res["seconds"], 1), "checkpoint": str(res["checkpoint"]), "export": cfg.export}))
     return 0
