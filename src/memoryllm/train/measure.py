@@ -9,6 +9,7 @@ teacher-forced log-likelihood (per token) and a greedy 10-token hit, for:
   memory_base   untrained base, context in memory (b)
   memory_trained trained model, context in memory (c)
   prompt_base   base model, context in the prompt (d)
+  prompt_base_chat  (d) in the base model's chat template ("<context> Answer briefly: <question>")
   none_trained / prompt_trained: the trained model without memory (does training hurt the base?)
 Language modelling on held-out (x1, x2) pairs of wikipedia/news: loss on x2 with memory of x1
 (trained, untrained), with x1 in the prompt (base), and alone; and continuous contexts: loss on
@@ -36,7 +37,7 @@ from .config import TrainConfig
 from .data import load_train_data
 from .routines import Batch, TrainPool, memory_loss, prompt_loss
 
-QA_CONDITIONS = ("none_base", "memory_base", "memory_trained", "prompt_base", "none_trained", "prompt_trained")
+QA_CONDITIONS = ("none_base", "memory_base", "memory_trained", "prompt_base", "prompt_base_chat", "none_trained", "prompt_trained")
 
 
 def load_lms(weights: str | None, num_tokens: int, num_blocks: int, need_trained: bool):
@@ -83,14 +84,17 @@ def measure_qa(base, trained, rows: list[dict], conditions, batch: int, log) -> 
     res = {}
     for cond in conditions:
         lm = trained if cond.endswith("trained") else base
+        # the instruct base answers better in its chat template ("Answer briefly: ..."): the
+        # *_chat condition gives the in-prompt baseline its best prompt, not only ours
+        style = "chat" if cond.endswith("_chat") else "plain"
         lps, hits, gens = [], [], []
         t0 = time.perf_counter()
         for s in range(0, len(rows), batch):
             part = rows[s : s + batch]
             if cond.startswith("prompt"):
-                prompts = [qa_prompt(lm, r["question"], "plain", r["context"]) for r in part]
+                prompts = [qa_prompt(lm, r["question"], style, r["context"]) for r in part]
             else:
-                prompts = [qa_prompt(lm, r["question"], "plain") for r in part]
+                prompts = [qa_prompt(lm, r["question"], style) for r in part]
             memories = [None] * len(part)
             if cond.startswith("memory"):
                 memories = [lm.new_memory(seed=i) for i in range(len(part))]
@@ -119,6 +123,9 @@ def measure_lm(base, trained, examples: list[list[list[int]]], conditions, batch
     res = {}
     for cond in conditions:
         lm = trained if cond.endswith("trained") else base
+        # the instruct base answers better in its chat template ("Answer briefly: ..."): the
+        # *_chat condition gives the in-prompt baseline its best prompt, not only ours
+        style = "chat" if cond.endswith("_chat") else "plain"
         pool = TrainPool(lm.model, 0)
         total, count = 0.0, 0
         t0 = time.perf_counter()
