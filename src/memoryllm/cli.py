@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="inject a passage, ask about it, print the answer and timings")
     _add_model_args(p)
     _add_sampling_args(p)
+    p.add_argument("--chat", action="store_true", help="ask in the tokenizer's chat template (default: the plain 'Question: ... Answer:' the shipped weights were trained on)")
     p.set_defaults(memory=None, max_new_tokens=24)
 
     from .eval.cli import add_parser as add_eval_parser  # memoryllm eval <task>
@@ -212,10 +213,16 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     lm, load_s = _load_lm(args)
     mem = lm.new_memory(seed=0)
-    chat = False if args.no_chat else None
-    base = lm.generate(None, DEMO_QUESTION, chat=chat, **_sampling(args))
+    # The shipped memory weights were trained to answer "Question: ... Answer:" from memory
+    # (docs/training.md); the chat template is there for models trained with it (--chat).
+    chat = bool(args.chat) and not args.no_chat
+    prompt = DEMO_QUESTION if chat else f"Question: {DEMO_QUESTION} Answer:"
+    sampling = _sampling(args)
+    if not chat and not args.stop:
+        sampling["stop"] = ["\n"]  # a plain-prompt answer is one line
+    base = lm.generate(None, prompt, chat=chat, **sampling)
     r = lm.inject(mem, DEMO_PASSAGE)
-    ans = lm.generate(mem, DEMO_QUESTION, chat=chat, **_sampling(args))
+    ans = lm.generate(mem, prompt, chat=chat, **sampling)
     print(f"model:     {lm.name} (loaded in {load_s:.1f} s)")
     print(f"memory:    N={lm.config.num_memory_tokens}, K={lm.config.num_tokens}, {lm.config.num_hidden_layers} layers")
     print(f"injected:  {r.num_tokens} tokens in {r.seconds * 1000:.0f} ms")
