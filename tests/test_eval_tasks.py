@@ -144,3 +144,15 @@ def test_unknown_task_and_dataset(data):
         run("nope")
     with pytest.raises(DataError, match="unknown dataset"):
         run("retention", lm=tiny_lm(), dataset="does_not_exist")
+
+
+def test_trained_models_are_evaluated_on_held_out_rows_only(data):
+    from memoryllm.eval.data import eval_rows_only, is_heldout, load_qa
+
+    every = load_qa("toy_qa", shuffle=False)
+    held = load_qa("toy_qa", shuffle=False, heldout_only=True)
+    assert [r["id"] for r in held] == [r["id"] for r in every if is_heldout(r["id"])]
+    lm = tiny_lm()
+    assert not eval_rows_only(lm)  # an untrained model may use every row
+    lm.model.applied_weights = {"file": "trained.safetensors"}
+    assert eval_rows_only(lm)

@@ -115,8 +115,16 @@ def _answers(row: dict) -> list[str]:
     return out
 
 
-def load_qa(name_or_path: str | os.PathLike, *, limit: int | None = None, seed: int = 0, shuffle: bool = True) -> list[dict]:
-    """QA rows with id/question/context/answer/answers, shuffled with ``seed`` then cut to ``limit``."""
+def eval_rows_only(lm) -> bool:
+    """Whether an evaluation must skip rows a model may have trained on: true for a model that
+    carries trained memory weights (the shipped default, trained on the rows ``is_heldout``
+    rejects). The untrained base may use every row, as the earlier results did."""
+    return getattr(getattr(lm, "model", None), "applied_weights", None) is not None
+
+
+def load_qa(name_or_path: str | os.PathLike, *, limit: int | None = None, seed: int = 0, shuffle: bool = True, heldout_only: bool = False) -> list[dict]:
+    """QA rows with id/question/context/answer/answers, shuffled with ``seed`` then cut to
+    ``limit``; with ``heldout_only`` only the rows ``is_heldout`` keeps for evaluation."""
     path = resolve(name_or_path)
     rows = []
     for i, r in enumerate(read_jsonl(path)):
@@ -126,6 +134,8 @@ def load_qa(name_or_path: str | os.PathLike, *, limit: int | None = None, seed: 
         if not (isinstance(q, str) and isinstance(ctx, str) and answers):
             raise DataError(f"{path}: row {i} lacks question/context/answer(s) (has {sorted(r)})")
         rows.append({"id": str(r.get("id", r.get("_id", i))), "question": q, "context": ctx, "answer": answers[0], "answers": answers, **({"original_answer": r["original_answer"]} if "original_answer" in r else {})})
+    if heldout_only:
+        rows = [r for r in rows if is_heldout(r["id"])]
     if shuffle:
         random.Random(seed).shuffle(rows)
     return rows[:limit] if limit else rows

@@ -29,7 +29,7 @@ import torch
 
 from . import metrics
 from .common import Timer, environment, generate, get_lm, finish, model_info, set_threads, write_json
-from .data import load_qa
+from .data import load_qa, eval_rows_only
 from .retention import default_max_answer_tokens, qa_prompt
 
 PROGRESS = "progress.json"
@@ -117,7 +117,7 @@ def run_integrity(
     lm = lm if lm is not None else get_lm(model_options)
     if max_answer_tokens == "auto":
         max_answer_tokens = default_max_answer_tokens(dataset)
-    rows = [r for r in load_qa(dataset, shuffle=False) if not max_answer_tokens or len(lm.encode(" " + r["answer"])) <= max_answer_tokens]
+    rows = [r for r in load_qa(dataset, shuffle=False, heldout_only=eval_rows_only(lm)) if not max_answer_tokens or len(lm.encode(" " + r["answer"])) <= max_answer_tokens]
     if not rows:
         raise ValueError(f"{dataset}: no usable rows")
     workdir = Path(workdir) if workdir else Path("runs") / "eval" / f"integrity_{Path(str(dataset)).stem}_seed{seed}"

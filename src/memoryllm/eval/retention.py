@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import metrics
 from .common import Timer, answer_logprobs, environment, filler_pool, format_prompt, generate, get_lm, finish, model_info, set_threads
-from .data import load_qa, load_texts
+from .data import load_qa, load_texts, eval_rows_only
 
 
 def qa_prompt(lm, question: str, style: str, context: str | None = None) -> str:
@@ -34,7 +34,7 @@ def default_max_answer_tokens(dataset: str) -> int:
 
 
 def select_rows(lm, dataset: str, n: int, seed: int, max_answer_tokens: int | None) -> list[dict]:
-    rows = load_qa(dataset, seed=seed)
+    rows = load_qa(dataset, seed=seed, heldout_only=eval_rows_only(lm))
     out = []
     for r in rows:
         if max_answer_tokens and len(lm.encode(" " + r["answer"])) > max_answer_tokens:
