@@ -443,6 +443,14 @@ def test_apply_trained_weights(tmp_path):
     assert info["tensors"] == ["bos_embedding"] and info["lora_modules"] == 1
     assert torch.equal(model.bos_embedding.detach(), bos)
     torch.testing.assert_close(q.detach(), before + b @ a * 2.0)
+    # a damaged file (one factor missing, or of the wrong shape) is refused before anything is written
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    k_a = "model.layers.0.self_attn.k_proj.lora_A.weight"
+    for name, extra in (("half", {k_a: torch.randn(2, q.shape[1])}), ("shape", {k_a: torch.randn(2, 3), k_a.replace("lora_A", "lora_B"): torch.randn(5, 2)})):
+        save_file({**tensors, "bos_embedding": torch.randn(2, 1, 32), **extra}, str(tmp_path / f"{name}.safetensors"), metadata={"lora_r": "2", "lora_alpha": "4"})
+        with pytest.raises(loading.CheckpointError, match="k_proj"):
+            loading.apply_trained_weights(model, tmp_path / f"{name}.safetensors")
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------

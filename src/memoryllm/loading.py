@@ -634,13 +634,17 @@ def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = Non
             raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the model has {tuple(expected[k].shape)}")
     if loras and not {"lora_r", "lora_alpha"} <= set(meta):
         raise CheckpointError(f"{path}: LoRA factors without lora_r / lora_alpha in the metadata")
+    for module, ab in loras.items():  # every check before the first write: a bad file changes nothing
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{path}: LoRA of {module!r} lacks lora_{'B' if 'A' in ab else 'A'}")
+        w_shape = tuple(expected[f"{module}.weight"].shape)
+        if ab["B"].dim() != 2 or ab["A"].dim() != 2 or (ab["B"].shape[0], ab["A"].shape[1]) != w_shape or ab["B"].shape[1] != ab["A"].shape[0]:
+            raise CheckpointError(f"{path}: LoRA of {module!r} has B {tuple(ab['B'].shape)} and A {tuple(ab['A'].shape)}, the weight is {w_shape}")
     scale = float(meta["lora_alpha"]) / float(meta["lora_r"]) if loras else 0.0
     with torch.no_grad():
         for k, v in plain.items():
             expected[k].copy_(v)
         for module, ab in loras.items():
-            if set(ab) != {"A", "B"}:
-                raise CheckpointError(f"{path}: LoRA of {module!r} lacks lora_{'B' if 'A' in ab else 'A'}")
             w = expected[f"{module}.weight"]
             w.copy_((w.float() + (ab["B"].float() @ ab["A"].float()) * scale).to(w.dtype))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
