@@ -211,6 +211,87 @@ def test_export_loads_into_base_model(tmp_path):
     torch.testing.assert_close(new_a, new_b, rtol=1e-4, atol=1e-4)
 
 
+def test_init_from_continues_an_export(tmp_path):
+    """init_from seeds the new adapters and embeddings with an export's tensors (so a second run
+    continues the first, and its export is again one LoRA of rank lora_r); a file of another
+    rank or one that lacks a trained tensor is refused before anything is copied."""
+    cfg = toy_config(tmp_path, steps=2, batch_size=2, lora_r=2, lr=1e-2)
+    res = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=toy_data(0, "ARA", n=100))
+    path = export_weights(res["model"], cfg, tmp_path / "w.safetensors")
+    trained = {n: p.detach().clone() for n, p in res["model"].named_parameters() if p.requires_grad}
+    fresh = tiny_model()
+    prepare_trainable(fresh, toy_config(tmp_path, lora_r=2, init_from=str(path)))
+    seeded = {n: p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
+    assert seeded.keys() == trained.keys()
+    for name in trained:
+        torch.testing.assert_close(seeded[name], trained[name], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="lora_r"):
+        prepare_trainable(tiny_model(), toy_config(tmp_path, lora_r=4, init_from=str(path)))
+    with pytest.raises(ConfigError, match="does not train"):
+        prepare_trainable(tiny_model(), toy_config(tmp_path, lora_r=2, train_embeddings=False, init_from=str(path)))
+    with pytest.raises(ConfigError, match="not found"):
+        prepare_trainable(tiny_model(), toy_config(tmp_path, lora_r=2, init_from=str(tmp_path / "nope.safetensors")))
+
+
+def test_separate_write_and_read_adapters(tmp_path):
+    """separate_adapters: the self-update runs the "write" adapter and reading the "read" one.
+    Process A trains both (gradient through the injection), process B only the reader; the
+    export keeps both, unmerged, and loads into a base model with the same outputs."""
+    model = tiny_model(num_tokens=8, num_blocks=2)
+    data = toy_data(0, "ARA", n=50)
+    cfg = toy_config(tmp_path, "new_knowledge", separate_adapters=True, batch_size=2, lora_r=2)
+    prepare_trainable(model, cfg)
+    assert model.adapter_roles == {"write": "write", "read": "read"}
+    with torch.no_grad():  # B factors start at zero: give both adapters an effect
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pool = TrainPool(model, 0)
+    pool.write(model, [data.docs[0][:SEG]], 0)
+    grads = {}
+    for process_a_prob in (1.0, 0.0):
+        model.zero_grad(set_to_none=True)
+        batch = build_batch(dataclasses.replace(cfg, process_a_prob=process_a_prob), data, 0, 0)
+        memory_loss(model, batch, pool, 0)[0].backward()
+        for role in ("write", "read"):
+            g = [p.grad for n, p in model.named_parameters() if f"lora_B.{role}." in n]
+            grads[batch.routine, role] = any(x is not None and x.abs().sum() > 0 for x in g)
+    assert grads == {("new_knowledge_A", "write"): True, ("new_knowledge_A", "read"): True, ("new_knowledge_B", "write"): False, ("new_knowledge_B", "read"): True}
+
+    path = export_weights(model, cfg, tmp_path / "wr.safetensors")
+    base = tiny_model(num_tokens=8, num_blocks=2)
+    info = loading.apply_trained_weights(base, path)
+    assert info["adapters"] == {"write": "write", "read": "read"} and info["lora_modules"] == 2 * 7
+    ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
+    memory = torch.randn(1, 2, base.config.num_memory_tokens, base.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids, memory=memory), model(ids, memory=memory), rtol=1e-5, atol=1e-5)
+        new_loaded = base.new_memory_tokens(memory, True, ids)[0]
+        torch.testing.assert_close(new_loaded, model.new_memory_tokens(memory, True, ids)[0], rtol=1e-5, atol=1e-5)
+        # the roles matter: writing with the read adapter gives other memory tokens
+        base.set_adapter_roles("read", "read")
+        assert (base.new_memory_tokens(memory, True, ids)[0] - new_loaded).abs().max() > 1e-3
+    # a file whose adapters do not match its metadata is refused and changes nothing
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"lora_r": "2", "lora_alpha": "16.0", "adapter_write": "write", "adapter_read": "decoder"})
+    fresh = tiny_model(num_tokens=8, num_blocks=2)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(loading.CheckpointError, match="do not match"):
+        loading.apply_trained_weights(fresh, bad)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()) and fresh.adapter_roles is None
+    # a one-adapter export seeds both adapters of a separate_adapters run
+    single = tmp_path / "single.safetensors"
+    save_file({k.replace(".write.", "."): v for k, v in tensors.items() if ".read." not in k}, str(single), metadata={"lora_r": "2", "lora_alpha": "16.0"})
+    seeded = tiny_model(num_tokens=8, num_blocks=2)
+    prepare_trainable(seeded, dataclasses.replace(cfg, init_from=str(single)))
+    p = dict(seeded.named_parameters())
+    name = next(n for n in p if "lora_B.write." in n)
+    assert torch.equal(p[name], p[name.replace(".write.", ".read.")]) and torch.equal(p[name], tensors[name])
+
+
 def test_cli_train_config_errors_and_print(capsys, tmp_path):
     from memoryllm.cli import main
 

@@ -607,7 +607,11 @@ def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = Non
     """Apply trained MemoryLLM weights (``memoryllm train``'s export; SHIPPED_WEIGHTS by default)
     to a base model in place: plain tensors (bos_embedding, new_memory_positional_emb, ...) are
     copied, LoRA factors merged (W += B A * lora_alpha / lora_r, the scale from the file's
-    metadata). Returns what was applied, or None when the default file is absent."""
+    metadata). An export with separate write/read adapters (``<module>.lora_A.<adapter>.weight``,
+    ``adapter_write`` / ``adapter_read`` in the metadata) cannot be merged into one weight: its
+    adapters are attached unmerged with peft and the model switches between them
+    (``MemoryLLM.adapter_roles``). Returns what was applied, or None when the default file is
+    absent. Every check comes before the first write: a bad file changes nothing."""
     import hashlib
 
     path = SHIPPED_WEIGHTS if path is None else Path(path)
@@ -623,10 +627,15 @@ def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = Non
     for name, t in tensors.items():
         m = _LORA_KEY.match(name)
         if m:
-            loras.setdefault(m["module"], {})[m["ab"]] = t
+            loras.setdefault(m["adapter"] or "", {}).setdefault(m["module"], {})[m["ab"]] = t
         else:
             plain[name] = t
-    unexpected = sorted(set(plain) - set(expected)) + sorted(m for m in loras if f"{m}.weight" not in expected)
+    roles = {"write": meta.get("adapter_write"), "read": meta.get("adapter_read")}
+    named = sorted(a for a in loras if a)
+    if named and (set(named) != {roles["write"], roles["read"]} or "" in loras):
+        raise CheckpointError(f"{path}: LoRA adapters {sorted(loras)} do not match the metadata's write/read adapters {roles}")
+    modules = {m for per in loras.values() for m in per}
+    unexpected = sorted(set(plain) - set(expected)) + sorted(m for m in modules if f"{m}.weight" not in expected)
     if unexpected:
         raise CheckpointError(f"{path}: tensors this model has no place for: {unexpected[:8]}")
     for k, v in plain.items():
@@ -634,18 +643,48 @@ def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = Non
             raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the model has {tuple(expected[k].shape)}")
     if loras and not {"lora_r", "lora_alpha"} <= set(meta):
         raise CheckpointError(f"{path}: LoRA factors without lora_r / lora_alpha in the metadata")
-    for module, ab in loras.items():  # every check before the first write: a bad file changes nothing
-        if set(ab) != {"A", "B"}:
-            raise CheckpointError(f"{path}: LoRA of {module!r} lacks lora_{'B' if 'A' in ab else 'A'}")
-        w_shape = tuple(expected[f"{module}.weight"].shape)
-        if ab["B"].dim() != 2 or ab["A"].dim() != 2 or (ab["B"].shape[0], ab["A"].shape[1]) != w_shape or ab["B"].shape[1] != ab["A"].shape[0]:
-            raise CheckpointError(f"{path}: LoRA of {module!r} has B {tuple(ab['B'].shape)} and A {tuple(ab['A'].shape)}, the weight is {w_shape}")
+    for per in loras.values():
+        for module, ab in per.items():
+            if set(ab) != {"A", "B"}:
+                raise CheckpointError(f"{path}: LoRA of {module!r} lacks lora_{'B' if 'A' in ab else 'A'}")
+            w_shape = tuple(expected[f"{module}.weight"].shape)
+            if ab["B"].dim() != 2 or ab["A"].dim() != 2 or (ab["B"].shape[0], ab["A"].shape[1]) != w_shape or ab["B"].shape[1] != ab["A"].shape[0]:
+                raise CheckpointError(f"{path}: LoRA of {module!r} has B {tuple(ab['B'].shape)} and A {tuple(ab['A'].shape)}, the weight is {w_shape}")
+    if named and len({frozenset(per) for per in loras.values()}) != 1:
+        raise CheckpointError(f"{path}: the write and read adapters cover different modules")
     scale = float(meta["lora_alpha"]) / float(meta["lora_r"]) if loras else 0.0
     with torch.no_grad():
         for k, v in plain.items():
             expected[k].copy_(v)
-        for module, ab in loras.items():
+        if named:
+            _attach_adapters(model, loras, meta, roles)
+        for module, ab in loras.get("", {}).items():
             w = expected[f"{module}.weight"]
             w.copy_((w.float() + (ab["B"].float() @ ab["A"].float()) * scale).to(w.dtype))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return {"path": str(path), "sha256": digest, "tensors": sorted(plain), "lora_modules": len(loras), "lora_scale": scale, "trained_steps": meta.get("steps")}
+    info = {"path": str(path), "sha256": digest, "tensors": sorted(plain), "lora_modules": len(modules), "lora_scale": scale, "trained_steps": meta.get("steps")}
+    if named:
+        info["adapters"] = roles
+    return info
+
+
+def _attach_adapters(model: MemoryLLM, loras: dict[str, dict[str, dict[str, Tensor]]], meta: dict, roles: dict) -> None:
+    """Separate write/read LoRA adapters, unmerged (peft layers, frozen), switched by role."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:  # the train extra
+        raise CheckpointError("weights with separate write/read adapters need peft: pip install 'memoryllm[train]'") from e
+    targets = sorted({m.rsplit(".", 1)[-1] for m in next(iter(loras.values()))})
+    config = LoraConfig(r=int(meta["lora_r"]), lora_alpha=float(meta["lora_alpha"]), target_modules=targets)
+    with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for adapter in (roles["write"], roles["read"]):
+            inject_adapter_in_model(config, model, adapter_name=adapter)
+    params = dict(model.named_parameters())
+    for adapter, per in loras.items():
+        for module, ab in per.items():
+            for f in ("A", "B"):
+                params[f"{module}.lora_{f}.{adapter}.weight"].copy_(ab[f])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.set_adapter_roles(roles["write"], roles["read"])

@@ -14,12 +14,18 @@ Paper: Wang et al., "MemoryLLM: Towards Self-Updatable Large Language Models", I
 Every function takes a *batch* of independent pools ``memory[B, L, N, d]`` so B users are read
 or written in one forward pass. Parameter names match Hugging Face's LlamaForCausalLM and the
 published MemoryLLM checkpoints, so state dicts load without renaming.
+
+Separate LoRA adapters for writing and reading (the 8B release's ``add_decoder_lora``): when
+``adapter_roles`` names them, every self-update runs with the "write" adapter active and every
+read (memory keys, prediction) with the "read" adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -220,7 +226,27 @@ def attention_mask_for(key_valid: Tensor, new_valid: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _adapter_role(role: str) -> Callable:
+    """Run the method with the LoRA adapter serving `role` active (a no-op without roles)."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(self: "MemoryLLM", *args, **kwargs):
+            if self.adapter_roles is None:
+                return fn(self, *args, **kwargs)
+            with self.adapter_for(role):
+                return fn(self, *args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 class MemoryLLM(nn.Module):
+    # {"write": adapter name, "read": adapter name} when the model carries separate LoRA
+    # adapters (peft layers, unmerged); None: one set of weights does both
+    adapter_roles: dict[str, str] | None = None
+
     def __init__(self, cfg: MemoryLLMConfig):
         super().__init__()
         self.config = cfg
@@ -242,6 +268,35 @@ class MemoryLLM(nn.Module):
         self._inv_freq = rope_inv_freq(cfg)
 
     # ---- small helpers ----
+    def set_adapter_roles(self, write: str | None, read: str | None) -> None:
+        """Name the LoRA adapters (already injected, e.g. by peft) that serve writing and reading;
+        (None, None): one set of weights does both."""
+        self.adapter_roles = None if write is None and read is None else {"write": write, "read": read}
+        self.__dict__.pop("_lora_layers", None)
+
+    @contextlib.contextmanager
+    def adapter_for(self, role: str):
+        """Activate adapter_roles[role] on every LoRA layer for the duration of the block.
+        Duck-typed on peft's LoRA layers; their ``_active_adapter`` is set directly because
+        peft's ``set_adapter`` also flips ``requires_grad``, which would freeze the other
+        adapter in the middle of a training step whose graph uses both."""
+        name = (self.adapter_roles or {}).get(role)
+        if name is None:
+            yield
+            return
+        layers = self.__dict__.get("_lora_layers")
+        if layers is None:
+            layers = [m for m in self.modules() if hasattr(m, "lora_A") and hasattr(m, "_active_adapter")]
+            self.__dict__["_lora_layers"] = layers
+        before = [m._active_adapter for m in layers]
+        for m in layers:
+            m._active_adapter = [name]
+        try:
+            yield
+        finally:
+            for m, b in zip(layers, before):
+                m._active_adapter = b
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
@@ -269,6 +324,7 @@ class MemoryLLM(nn.Module):
         return rows if bos is None else torch.cat([bos.to(rows.dtype), rows], dim=1)
 
     # ---- reading ----
+    @_adapter_role("read")
     def memory_prefix(self, memory: Tensor, initialized: Tensor | bool = True, positions: Tensor | None = None) -> KV:
         """Keys/values of [bos_l, memory_l] for every layer: computed once per memory version.
 
@@ -298,6 +354,7 @@ class MemoryLLM(nn.Module):
         next_pos = torch.where(valid, P, 0).long()
         return KV(ks, vs, valid, next_pos)
 
+    @_adapter_role("read")
     def forward(
         self,
         input_ids: Tensor,
@@ -344,6 +401,7 @@ class MemoryLLM(nn.Module):
         return self.lm_head(self.model.norm(h))
 
     # ---- writing ----
+    @_adapter_role("write")
     def new_memory_tokens(self, memory: Tensor, initialized: Tensor | bool, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Self-update's forward pass (paper Fig. 1b and Fig. 8) for a batch of pools.
 

@@ -32,12 +32,14 @@ class TrainConfig:
     model: str | None = None  # local HF / MemoryLLM folder; None = the embedded SmolLM2-135M default
     num_tokens: int = 128  # K: new memory tokens per injection
     num_blocks: int = 16  # N = num_blocks * K
-    trained_start: bool = False  # start the default model from its shipped trained weights
+    trained_start: bool = False  # start the default model from its shipped trained weights (merged; new adapters on top)
+    init_from: str | None = None  # continue training an export ("default" = the shipped file): its LoRA factors and embeddings seed the new adapters
     # ---- what is trained ----
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0  # > 0 draws from the global RNG: runs are then no longer bit-reproducible
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    separate_adapters: bool = False  # one LoRA adapter for writing (self-update), another for reading (the 8B release)
     train_embeddings: bool = True  # bos_embedding and new_memory_positional_emb
     full_finetune: bool = False  # every weight trained (no LoRA); checkpoints hold the whole model
     # ---- data ----

@@ -27,6 +27,7 @@ import os
 import random
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,14 @@ def prepare_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
         for p in model.parameters():
             p.requires_grad_(False)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets))
-        inject_adapter_in_model(lora, model)
+        if cfg.separate_adapters:
+            with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(lora, model, adapter_name=WRITE)
+                inject_adapter_in_model(lora, model, adapter_name=READ)
+            model.set_adapter_roles(WRITE, READ)
+        else:
+            inject_adapter_in_model(lora, model)
         for name, p in model.named_parameters():
             p.requires_grad_(".lora_" in name)
     for name in ("bos_embedding", "new_memory_positional_emb"):
@@ -83,7 +91,49 @@ def prepare_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not names:
         raise ConfigError("nothing to train: lora_r / train_embeddings / full_finetune select no parameter")
+    if cfg.init_from is not None:
+        init_from_export(model, cfg)
     return names
+
+
+def init_from_export(model: nn.Module, cfg: TrainConfig) -> None:
+    """Seed the freshly injected adapters and the embeddings with an export's tensors, so a
+    second run continues the first one's adapters (and its export stays one LoRA of rank
+    lora_r) instead of merging them into the base and stacking another. Every tensor is
+    checked before the first copy."""
+    from safetensors import safe_open
+
+    from .. import loading
+
+    path = loading.SHIPPED_WEIGHTS if cfg.init_from == "default" else Path(cfg.init_from)
+    if not Path(path).is_file():
+        raise ConfigError(f"init_from: file not found: {path}")
+    if cfg.trained_start:
+        raise ConfigError("init_from and trained_start both start from trained weights: choose one")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key, mine in (("lora_r", cfg.lora_r), ("lora_alpha", cfg.lora_alpha)):
+        if key in meta and float(meta[key]) != float(mine):
+            raise ConfigError(f"init_from: {path} has {key}={meta[key]}, this config {mine}")
+    params = dict(model.named_parameters())
+    # a one-adapter export seeds both adapters of a separate_adapters run (they then diverge)
+    adapters = [WRITE, READ] if cfg.separate_adapters else ["default"]
+    targets = {}
+    for name, t in tensors.items():
+        dests = [_PEFT_SAVED.sub(rf".lora_\1.{a}.weight", name) for a in adapters] if _PEFT_SAVED.search(name) else [name]
+        for dest in dests:
+            if dest not in params or not params[dest].requires_grad:
+                raise ConfigError(f"init_from: {path} holds {name!r}, which this run does not train")
+            if tuple(params[dest].shape) != tuple(t.shape):
+                raise ConfigError(f"init_from: {name!r} has shape {tuple(t.shape)}, this model {tuple(params[dest].shape)}")
+            targets[dest] = t
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in targets)
+    if missing:
+        raise ConfigError(f"init_from: {path} lacks {len(missing)} trained tensors, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for dest, t in targets.items():
+            params[dest].copy_(t.to(params[dest].dtype))
 
 
 def trained_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -91,6 +141,8 @@ def trained_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 _PEFT_ADAPTER = re.compile(r"\.lora_([AB])\.default\.weight$")
+_PEFT_SAVED = re.compile(r"\.lora_([AB])\.weight$")
+WRITE, READ = "write", "read"  # adapter names with separate_adapters (exported under these names)
 
 
 def export_weights(model: nn.Module, cfg: TrainConfig, path: str | Path, extra_meta: dict | None = None) -> Path:
@@ -103,8 +155,10 @@ def export_weights(model: nn.Module, cfg: TrainConfig, path: str | Path, extra_m
     tensors = {}
     for name, t in trained_tensors(model).items():
         tensors[_PEFT_ADAPTER.sub(r".lora_\1.weight", name)] = t.float().contiguous()
+    adapters = (model.adapter_roles or {}) if hasattr(model, "adapter_roles") else {}
     meta = {
         "format": EXPORT_FORMAT,
+        **({"adapter_write": adapters["write"], "adapter_read": adapters["read"]} if adapters else {}),
         "lora_r": str(cfg.lora_r),
         "lora_alpha": str(cfg.lora_alpha),
         "num_tokens": str(cfg.num_tokens),
