@@ -137,6 +137,10 @@ def test_cli_eval_parser():
 
     args = build_parser().parse_args(["eval", "retention", "--rows", "3", "--steps", "2"])
     assert args.command == "eval" and args.eval_task == "retention" and args.rows == 3 and callable(args.handler)
+    assert args.trained and not build_parser().parse_args(["eval", "longqa", "--untrained"]).trained
+    # --untrained names the embedded default's base model; a local folder has no shipped weights
+    with pytest.raises(ValueError, match="untrained"):
+        run("longqa", model="/some/folder", trained=False)
 
 
 def test_unknown_task_and_dataset(data):

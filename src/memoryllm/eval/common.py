@@ -32,6 +32,10 @@ def get_lm(options: dict):
     for k in ("num_tokens", "num_blocks"):
         if options.get(k) is not None:
             kw[k] = int(options[k])
+    if options.get("trained") is False:
+        if options.get("model") is not None:
+            raise ValueError("--untrained applies to the embedded default model only")
+        kw["trained"] = False
     return load(options.get("model"), **kw)
 
 

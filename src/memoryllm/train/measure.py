@@ -38,6 +38,9 @@ from .data import load_train_data
 from .routines import Batch, TrainPool, memory_loss, prompt_loss
 
 QA_CONDITIONS = ("none_base", "memory_base", "memory_trained", "prompt_base", "prompt_base_chat", "none_trained", "prompt_trained")
+# none / prompt_last / prompt_all: the base model; *_trained: the trained model (its LoRA also
+# acts without memory, so none_trained shows what training did to plain language modelling)
+LM_CONDITIONS = ("none", "memory_base", "memory_trained", "prompt_last", "prompt_all", "none_trained", "prompt_last_trained")
 
 
 def load_lms(weights: str | None, num_tokens: int, num_blocks: int, need_trained: bool):
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TrainConfig.load(args.config, args.set)
-    wanted = set(QA_CONDITIONS) | {"none", "memory_base", "memory_trained", "prompt_last", "prompt_all"}
+    wanted = set(QA_CONDITIONS) | set(LM_CONDITIONS)
     if args.conditions == "base":
         wanted = {c for c in wanted if not c.endswith("trained")}
     elif args.conditions != "all":
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
         result.setdefault("qa", {}).update(measure_qa(base, trained, rows, [c for c in QA_CONDITIONS if c in wanted], args.batch_size, log))
         result["qa_rows"] = {"n": len(rows), "filter": f"held-out{' (strict: passage in no training row)' if args.strict else ''}, context 16..{cfg.qa_max_context_tokens} tokens, answer <= {cfg.qa_max_answer_tokens} tokens (the training limits)", "prompt": "plain 'Question: ... Answer:' (context in prompt: 'Context: ...\\n' before it)", "generation": "greedy, 10 new tokens, hit = normalised answer in the output"}
         save()
-    lm_conds = [c for c in ("none", "memory_base", "memory_trained", "prompt_last", "prompt_all") if c in wanted]
+    lm_conds = [c for c in LM_CONDITIONS if c in wanted]
     if args.lm_pairs:
         pairs = lm_examples(cfg, base.tokenizer, args.lm_pairs, 2, args.seed)
         pair_conds = [c for c in lm_conds if c != "prompt_all"]  # with two segments prompt_all is prompt_last
@@ -207,9 +210,6 @@ def main(argv=None) -> int:
     log(f"done -> {out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def plot_loss(metrics_csv: str | Path, png: str | Path, window: int = 10, marks: dict[int, str] | None = None) -> Path:
@@ -246,3 +246,7 @@ def plot_loss(metrics_csv: str | Path, png: str | Path, window: int = 10, marks:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+if __name__ == "__main__":
+    sys.exit(main())
