@@ -320,8 +320,51 @@ def test_lora_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no lora_config"):
         load(tmp_path / "nocfg")
     write_published_checkpoint(tmp_path / "dec", cfg, extra_config={"add_decoder_lora": True, "lora_config": {"r": 16, "lora_alpha": 32}})
-    with pytest.raises(NotImplementedError, match="add_decoder_lora"):
+    with pytest.raises(CheckpointError, match="add_decoder_lora needs LoRA adapters"):
         load(tmp_path / "dec")
+
+
+def test_release_decoder_lora_switches_adapters(tmp_path):
+    """An 8B-release-style checkpoint (add_decoder_lora): PEFT's "default" adapter is active while
+    injecting, "decoder_adapter" while reading. Reference: the same base weights with one
+    adapter merged in (by hand, W + B A alpha / r) for each role."""
+    cfg = tiny_cfg()
+    r, alpha = 2, 4
+    lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "down_proj"]}
+    rename = lambda k: "base_model.model." + k.replace("q_proj.weight", "q_proj.base_layer.weight")  # noqa: E731
+    tensors = write_published_checkpoint(tmp_path / "dec", cfg, extra_config={"add_decoder_lora": True, "lora_config": lora_config}, rename=rename)
+    stored = load_file(str(tmp_path / "dec" / "model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    merged = {"default": dict(tensors), "decoder_adapter": dict(tensors)}
+    for l in range(cfg.num_hidden_layers):
+        for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"):
+            w = tensors[f"model.layers.{l}.{mod}.weight"]
+            for adapter in merged:
+                a, b = torch.randn(r, w.shape[1], generator=g), torch.randn(w.shape[0], r, generator=g) * 0.3
+                stored[f"base_model.model.model.layers.{l}.{mod}.lora_A.{adapter}.weight"] = a
+                stored[f"base_model.model.model.layers.{l}.{mod}.lora_B.{adapter}.weight"] = b
+                merged[adapter][f"model.layers.{l}.{mod}.weight"] = w + (b @ a) * alpha / r
+    save_file(stored, str(tmp_path / "dec" / "model.safetensors"))
+    model, _ = load(tmp_path / "dec")
+    assert model.adapter_roles == {"write": "default", "read": "decoder_adapter"}
+    refs = {}
+    for adapter, state in merged.items():
+        ref = MemoryLLM(model.config)
+        ref.load_state_dict(state)
+        refs[adapter] = ref.eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    memory = tensors["memory"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(model.new_memory_tokens(memory, True, ids)[0], refs["default"].new_memory_tokens(memory, True, ids)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(ids, memory=memory), refs["decoder_adapter"](ids, memory=memory), rtol=1e-4, atol=1e-4)
+        assert (refs["default"](ids, memory=memory) - model(ids, memory=memory)).abs().max() > 1e-2  # the roles differ
+    # saved again (the release's layout), it loads back with both adapters
+    save_memoryllm_checkpoint(model, tmp_path / "again")
+    again, _ = load(tmp_path / "again")
+    assert again.adapter_roles == model.adapter_roles
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, memory=memory), model(ids, memory=memory), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again.new_memory_tokens(memory, True, ids)[0], model.new_memory_tokens(memory, True, ids)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_published_checkpoint(tmp_path):

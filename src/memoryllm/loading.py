@@ -265,6 +265,14 @@ class _TensorSource:
             out[module] = (self._read(*ab["A"]), self._read(*ab["B"]))
         return out
 
+    def adapter_factors(self) -> dict[str, dict[str, dict[str, Tensor]]]:
+        """adapter -> module -> {"A": [r, in], "B": [out, r]}, every adapter kept apart."""
+        out: dict[str, dict[str, dict[str, Tensor]]] = {}
+        for slot, ab in self.loras.items():
+            module, adapter = slot.split("|")
+            out.setdefault(adapter or "default", {})[module] = {f: self._read(*ab[f]) for f in ab}
+        return out
+
     def __enter__(self) -> "_TensorSource":
         return self
 
@@ -272,7 +280,7 @@ class _TensorSource:
         self._stack.close()
 
 
-def _build_model(cfg: MemoryLLMConfig, source: _TensorSource, dtype: torch.dtype, device, path: Path, *, optional: tuple[str, ...] = (), lora_scale: float | None = None) -> MemoryLLM:
+def _build_model(cfg: MemoryLLMConfig, source: _TensorSource, dtype: torch.dtype, device, path: Path, *, optional: tuple[str, ...] = (), lora_scale: float | None = None, merge_lora: bool = True) -> MemoryLLM:
     """MemoryLLM with every tensor taken from `source`, except `optional` ones it lacks (fresh)."""
     # Built on the meta device: random init of the base weights would be thrown away (and takes
     # minutes at 7B); casting meta tensors to dtype is free, so storage is allocated once.
@@ -284,7 +292,7 @@ def _build_model(cfg: MemoryLLMConfig, source: _TensorSource, dtype: torch.dtype
         model.lm_head.weight = model.model.embed_tokens.weight  # to_empty gave them separate storage
     # MemoryLLM.__init__ ran on the meta device, so its fp32 RoPE frequencies are rebuilt here.
     model._inv_freq = rope_inv_freq(cfg).to(device)
-    loras = source.lora_factors() if source.loras else {}
+    loras = source.lora_factors() if source.loras and merge_lora else {}
     expected = model.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in source.keys and k not in optional and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing:
@@ -359,21 +367,25 @@ def load_memoryllm_checkpoint(
     weights. LoRA factors in PEFT naming are merged into the weights (W += B A * alpha / r)."""
     path = _check_folder(path)
     raw = _read_config(path)
-    if raw.get("add_decoder_lora"):
-        raise NotImplementedError(
-            f"{path}: add_decoder_lora checkpoints carry two LoRA adapters (one for injecting, one for "
-            "generating); switching adapters is not implemented yet"
-        )
     cfg = _config(raw, overrides, path)
     with _TensorSource(_weight_files(path)) as source:
-        scale = None
+        scale, roles = None, None
+        if raw.get("add_decoder_lora"):
+            # the 8B release: PEFT's "default" adapter writes (inject), "decoder_adapter" reads
+            roles = {"write": "default", "read": "decoder_adapter"}
+            if source.adapters != set(roles.values()):
+                raise CheckpointError(f"{path}: add_decoder_lora needs LoRA adapters {sorted(roles.values())}, found {sorted(source.adapters) or 'none'}")
+        elif len(source.adapters) > 1:
+            raise NotImplementedError(f"{path}: {len(source.adapters)} LoRA adapters {sorted(source.adapters)}; only one can be merged (or set add_decoder_lora)")
         if source.loras:
-            if len(source.adapters) > 1:
-                raise NotImplementedError(f"{path}: {len(source.adapters)} LoRA adapters {sorted(source.adapters)}; only one can be merged")
             scale = _lora_scale(cfg.lora_config, source, path)
         if "lm_head.weight" not in source.keys and not cfg.tie_word_embeddings:
             cfg = cfg.replace(tie_word_embeddings=True)
-        model = _build_model(cfg, source, dtype, device, path, lora_scale=scale)
+        model = _build_model(cfg, source, dtype, device, path, lora_scale=scale, merge_lora=roles is None)
+        if roles is not None:  # two adapters cannot be merged into one weight: attach them unmerged
+            lora = cfg.lora_config or {}
+            meta = {"lora_r": str(lora.get("r")), "lora_alpha": str(lora.get("lora_alpha", lora.get("r"))), "use_rslora": bool(lora.get("use_rslora"))}
+            _attach_adapters(model, source.adapter_factors(), meta, roles)
     return model, _tokenizer(path, required=False, own_config=True)
 
 
@@ -387,6 +399,23 @@ def _lora_scale(lora_config: dict[str, Any] | None, source: _TensorSource, path:
     alpha = float(lora_config.get("lora_alpha", r))
     # rsLoRA (PEFT's use_rslora) scales by alpha / sqrt(r)
     return alpha / r**0.5 if lora_config.get("use_rslora") else alpha / r
+
+
+def _release_adapter_layout(model: MemoryLLM, tensors: dict[str, Tensor], config: dict) -> tuple[dict[str, Tensor], dict]:
+    """Separate write/read adapters under the 8B release's names ("default" writes,
+    "decoder_adapter" reads) with add_decoder_lora and lora_config, so loading gives them back."""
+    rename = {model.adapter_roles["write"]: "default", model.adapter_roles["read"]: "decoder_adapter"}
+    out = {}
+    for k, v in tensors.items():
+        m = _LORA_KEY.match(k.replace(".base_layer.", "."))
+        if m and m["adapter"] in rename:
+            k = f"{m['module']}.lora_{m['ab']}.{rename[m['adapter']]}.weight"
+        out[k.replace(".base_layer.", ".")] = v
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "r") and model.adapter_roles["read"] in m.r)
+    name = model.adapter_roles["read"]
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "r") and name in m.r})
+    config = {**config, "add_decoder_lora": True, "lora_config": {"r": int(layer.r[name]), "lora_alpha": float(layer.lora_alpha[name]), "use_rslora": bool(getattr(layer, "use_rslora", {}).get(name, False)), "target_modules": targets}}
+    return out, config
 
 
 def save_memoryllm_checkpoint(
@@ -407,6 +436,9 @@ def save_memoryllm_checkpoint(
     # clone(): safetensors refuses tensors sharing storage (the tied lm_head), and the tied
     # lm_head.weight is still written so loaders that expect it find it.
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    if model.adapter_roles is not None:  # unmerged write/read adapters: the 8B release's layout
+        tensors, config = _release_adapter_layout(model, tensors, config)
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -418,7 +450,6 @@ def save_memoryllm_checkpoint(
         size += nbytes
 
     def write(tmp: Path) -> None:
-        config = model.config.to_dict()
         config["dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
@@ -675,16 +706,21 @@ def _attach_adapters(model: MemoryLLM, loras: dict[str, dict[str, dict[str, Tens
     except ImportError as e:  # the train extra
         raise CheckpointError("weights with separate write/read adapters need peft: pip install 'memoryllm[train]'") from e
     targets = sorted({m.rsplit(".", 1)[-1] for m in next(iter(loras.values()))})
-    config = LoraConfig(r=int(meta["lora_r"]), lora_alpha=float(meta["lora_alpha"]), target_modules=targets)
+    for adapter, per in loras.items():
+        for module, ab in per.items():
+            if set(ab) != {"A", "B"}:
+                raise CheckpointError(f"LoRA of {module!r} ({adapter}) has only lora_{''.join(ab)}; both A and B are needed")
+    config = LoraConfig(r=int(meta["lora_r"]), lora_alpha=float(meta["lora_alpha"]), use_rslora=bool(meta.get("use_rslora")), target_modules=targets)
     with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for adapter in (roles["write"], roles["read"]):
             inject_adapter_in_model(config, model, adapter_name=adapter)
     params = dict(model.named_parameters())
-    for adapter, per in loras.items():
-        for module, ab in per.items():
-            for f in ("A", "B"):
-                params[f"{module}.lora_{f}.{adapter}.weight"].copy_(ab[f])
+    with torch.no_grad():
+        for adapter, per in loras.items():
+            for module, ab in per.items():
+                for f in ("A", "B"):
+                    params[f"{module}.lora_{f}.{adapter}.weight"].copy_(ab[f])
     for p in model.parameters():
         p.requires_grad_(False)
     model.set_adapter_roles(roles["write"], roles["read"])
