@@ -83,7 +83,8 @@ def qa_rows(lm, n: int, max_context_tokens: int, max_answer_tokens: int, seed: i
     return out
 
 
-def measure_qa(base, trained, rows: list[dict], conditions, batch: int, log) -> dict:
+def measure_qa(base, trained, rows: list[dict], conditions, batch: int, log, done=lambda res: None) -> dict:
+    """Each condition's result goes to `done` as soon as it exists (a long run saves as it goes)."""
     res = {}
     for cond in conditions:
         lm = trained if cond.endswith("trained") else base
@@ -109,6 +110,7 @@ def measure_qa(base, trained, rows: list[dict], conditions, batch: int, log) -> 
             lps += [a / n for a, n in lp]
         res[cond] = {"hit": metrics.rate(hits), "answer_logprob_per_token": metrics.mean_ci(lps), "rows": len(rows), "seconds": round(time.perf_counter() - t0, 1), "examples": [{"id": r["id"], "answer": r["answer"], "generated": g} for r, g in zip(rows[:5], gens[:5])]}
         log(f"qa {cond}: hit {res[cond]['hit']['mean']:.3f} logprob/token {res[cond]['answer_logprob_per_token']['mean']:.3f} ({res[cond]['seconds']} s)")
+        done({cond: res[cond]})
     return res
 
 
@@ -194,9 +196,13 @@ def main(argv=None) -> int:
 
     rows = qa_rows(base, args.qa_rows, cfg.qa_max_context_tokens, cfg.qa_max_answer_tokens, args.seed, args.strict) if args.qa_rows else []
     if rows:
-        result.setdefault("qa", {}).update(measure_qa(base, trained, rows, [c for c in QA_CONDITIONS if c in wanted], args.batch_size, log))
         result["qa_rows"] = {"n": len(rows), "filter": f"held-out{' (strict: passage in no training row)' if args.strict else ''}, context 16..{cfg.qa_max_context_tokens} tokens, answer <= {cfg.qa_max_answer_tokens} tokens (the training limits)", "prompt": "plain 'Question: ... Answer:' (context in prompt: 'Context: ...\\n' before it)", "generation": "greedy, 10 new tokens, hit = normalised answer in the output"}
-        save()
+
+        def save_qa(part: dict) -> None:
+            result.setdefault("qa", {}).update(part)
+            save()
+
+        measure_qa(base, trained, rows, [c for c in QA_CONDITIONS if c in wanted], args.batch_size, log, save_qa)
     lm_conds = [c for c in LM_CONDITIONS if c in wanted]
     if args.lm_pairs:
         pairs = lm_examples(cfg, base.tokenizer, args.lm_pairs, 2, args.seed)
