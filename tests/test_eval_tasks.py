@@ -141,6 +141,10 @@ def test_cli_eval_parser():
     # --untrained names the embedded default's base model; a local folder has no shipped weights
     with pytest.raises(ValueError, match="untrained"):
         run("longqa", model="/some/folder", trained=False)
+    with pytest.raises(ValueError, match="weights"):
+        run("longqa", model="/some/folder", weights="w.safetensors")
+    with pytest.raises(ValueError, match="contradict"):
+        run("longqa", trained=False, weights="w.safetensors")
 
 
 def test_unknown_task_and_dataset(data):

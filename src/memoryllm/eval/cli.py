@@ -12,6 +12,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-tokens", type=int, default=None, help="K (new models only)")
     p.add_argument("--num-blocks", type=int, default=None, help="N = num_blocks * K (new models only)")
     p.add_argument("--untrained", dest="trained", action="store_false", help="the embedded default without its shipped trained memory weights (the base model)")
+    p.add_argument("--weights", default=None, help="trained memory weights (memoryllm train's export) to apply to the embedded default instead of the shipped ones")
     p.add_argument("--out", default=None, help="results folder or .json file (default: results/eval)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")

@@ -32,11 +32,22 @@ def get_lm(options: dict):
     for k in ("num_tokens", "num_blocks"):
         if options.get(k) is not None:
             kw[k] = int(options[k])
-    if options.get("trained") is False:
+    weights = options.get("weights")
+    if options.get("trained") is False or weights is not None:
         if options.get("model") is not None:
-            raise ValueError("--untrained applies to the embedded default model only")
+            raise ValueError("--untrained / --weights apply to the embedded default model only")
+        if options.get("trained") is False and weights is not None:
+            raise ValueError("--untrained and --weights contradict each other")
         kw["trained"] = False
-    return load(options.get("model"), **kw)
+    if weights is None:
+        return load(options.get("model"), **kw)
+    from ..lm import MemoryLM
+    from ..loading import apply_trained_weights, load_default, trained_shape
+
+    shape = trained_shape(Path(weights))  # the memory shape the weights were trained with, unless given
+    model, tokenizer = load_default(**{**shape, **kw})
+    model.applied_weights = apply_trained_weights(model, weights)
+    return MemoryLM(model, tokenizer, name=f"SmolLM2-135M-Instruct + {Path(weights).name}")
 
 
 def set_threads(n: int | None) -> None:
