@@ -115,6 +115,7 @@ def test_longqa_and_longbench(data, tmp_path):
     for m in on_disk["methods"].values():
         assert set(m) == {"80", "160"} and 0 <= m["80"]["f1"]["mean"] <= 1
     assert on_disk["per_question"]["memoryllm"]["160"][0]["doc_tokens"] <= 160
+    assert on_disk["complete"] is True and on_disk["options"]["window"] == 64
     b = run("longqa", lm=tiny_lm(), out=tmp_path / "b", **opts)
     assert _strip(a) == _strip(b)
     # LongBench files: run, write predictions, score

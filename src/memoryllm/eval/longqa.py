@@ -191,6 +191,11 @@ def run_longqa(
     res: dict = {m: {} for m in methods}
     per_q: dict = {m: {} for m in methods}
     seconds: dict = {m: {} for m in methods}  # kept apart from the scores: timings vary between runs
+    opts = {"window": window, "chunk_tokens": chunk_tokens, "bm25_tokens": bm25_tokens, "bm25_chunk_tokens": bm25_chunk_tokens, "max_new_tokens": max_new_tokens, "prompt": prompt, "seed": seed}
+
+    def summary() -> dict:
+        return _longqa_result(lm, dataset, qs, lengths, methods, res, per_q, seconds, clock, **opts)
+
     for L in lengths:
         docs, golds = [], []
         for k, r in enumerate(qs):
@@ -213,20 +218,25 @@ def run_longqa(
             per_q[m][str(L)] = [{"id": r["id"], "pred": p["pred"], "f1": round(f, 4), "doc_tokens": n, "gold_passage": g} for p, r, f, n, g in zip(preds, qs, f1, doc_tokens, golds)]
             if progress:
                 print(f"[longqa] {L} tokens, {m}: F1 {res[m][str(L)]['f1']['mean']:.3f}, {seconds[m][str(L)]:.1f} s/question ({clock():.0f} s)", file=sys.stderr, flush=True)
-    result = {
+            if out is not None:  # a long run keeps what it has measured if it is stopped
+                write_json(results_path(out, "longqa", Path(str(dataset)).stem), {**summary(), "complete": False})
+    from .plots import plot_longqa
+
+    return finish({**summary(), "complete": True}, out, "longqa", Path(str(dataset)).stem, plot_longqa if plot else None)
+
+
+def _longqa_result(lm, dataset, qs, lengths, methods, res, per_q, seconds, clock, **options) -> dict:
+    return {
         "task": "longqa",
         "dataset": str(dataset),
         "questions": len(qs),
-        "options": {"lengths": [int(x) for x in lengths], "methods": methods, "window": window, "chunk_tokens": chunk_tokens, "bm25_tokens": bm25_tokens, "bm25_chunk_tokens": bm25_chunk_tokens, "max_new_tokens": max_new_tokens, "prompt": prompt, "seed": seed},
+        "options": {"lengths": [int(x) for x in lengths], "methods": methods, **options},
         "model": model_info(lm),
         "methods": res,
         "per_question": per_q,
         "timing": {"seconds": round(clock(), 2), "seconds_per_question": seconds},
         "env": environment(),
     }
-    from .plots import plot_longqa
-
-    return finish(result, out, "longqa", Path(str(dataset)).stem, plot_longqa if plot else None)
 
 
 # ---- LongBench ---------------------------------------------------------------------------------

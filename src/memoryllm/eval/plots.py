@@ -123,7 +123,7 @@ def plot_editing(res: dict, path) -> Path:
 
 def plot_longqa(res: dict, path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    lengths = res["options"]["lengths"]
+    lengths = sorted(res["options"]["lengths"])
     for m, by_len in res["methods"].items():
         xs = [L for L in lengths if str(L) in by_len]
         axes[0].errorbar(xs, [by_len[str(L)]["f1"]["mean"] for L in xs], yerr=[[by_len[str(L)]["f1"]["mean"] - by_len[str(L)]["f1"]["ci95"][0] for L in xs], [by_len[str(L)]["f1"]["ci95"][1] - by_len[str(L)]["f1"]["mean"] for L in xs]], marker="o", capsize=3, label=m)
