@@ -177,6 +177,7 @@ def test_config_file_overrides_and_errors(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('steps = 7\nlr = 1e-3\ntext_data = ["a.jsonl"]\n')
     cfg = TrainConfig.load(f, ["batch_size=3", "lora_targets=q_proj,v_proj", "max_seconds=none", "precision=bf16"])
+    assert TrainConfig.load(None, ["export=None", "init_from=null"]).export is None  # not a file named "None"
     assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.text_data, cfg.lora_targets, cfg.precision) == (7, 1e-3, 3, ["a.jsonl"], ["q_proj", "v_proj"], "bf16")
     with pytest.raises(ConfigError, match=r"unknown config key 'setps' \(did you mean 'steps'\?\)"):
         TrainConfig.load(f, ["setps=3"])

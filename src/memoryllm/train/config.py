@@ -174,8 +174,8 @@ def parse_value(cls, key: str, raw: str) -> Any:
         value = raw
     if typing.get_origin(_strip_none(hint)) is list and isinstance(value, str):
         value = [v for v in value.split(",") if v]
-    if value == "none" and _allows_none(hint):
-        value = None
+    if isinstance(value, str) and value.lower() in ("none", "null") and _allows_none(hint):
+        value = None  # export=None must not become a file named "None"
     return value
 
 
