@@ -411,9 +411,10 @@ def _release_adapter_layout(model: MemoryLLM, tensors: dict[str, Tensor], config
         if m and m["adapter"] in rename:
             k = f"{m['module']}.lora_{m['ab']}.{rename[m['adapter']]}.weight"
         out[k.replace(".base_layer.", ".")] = v
-    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "r") and model.adapter_roles["read"] in m.r)
     name = model.adapter_roles["read"]
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "r") and name in m.r})
+    wrapped = {id(m) for m in model.lora_layers() if name in m.r}
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if id(m) in wrapped})
+    layer = next(m for m in model.lora_layers() if name in m.r)
     config = {**config, "add_decoder_lora": True, "lora_config": {"r": int(layer.r[name]), "lora_alpha": float(layer.lora_alpha[name]), "use_rslora": bool(getattr(layer, "use_rslora", {}).get(name, False)), "target_modules": targets}}
     return out, config
 

@@ -274,6 +274,14 @@ class MemoryLLM(nn.Module):
         self.adapter_roles = None if write is None and read is None else {"write": write, "read": read}
         self.__dict__.pop("_lora_layers", None)
 
+    def lora_layers(self) -> list[nn.Module]:
+        """The LoRA-wrapped linear layers (peft's, duck-typed), found once per set of roles."""
+        layers = self.__dict__.get("_lora_layers")
+        if layers is None:
+            layers = [m for m in self.modules() if hasattr(m, "lora_A") and hasattr(m, "_active_adapter")]
+            self.__dict__["_lora_layers"] = layers
+        return layers
+
     @contextlib.contextmanager
     def adapter_for(self, role: str):
         """Activate adapter_roles[role] on every LoRA layer for the duration of the block.
@@ -284,10 +292,7 @@ class MemoryLLM(nn.Module):
         if name is None:
             yield
             return
-        layers = self.__dict__.get("_lora_layers")
-        if layers is None:
-            layers = [m for m in self.modules() if hasattr(m, "lora_A") and hasattr(m, "_active_adapter")]
-            self.__dict__["_lora_layers"] = layers
+        layers = self.lora_layers()
         before = [m._active_adapter for m in layers]
         for m in layers:
             m._active_adapter = [name]
