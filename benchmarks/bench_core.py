@@ -12,7 +12,10 @@ Every part prints a table whose ratios compare against a baseline measured in th
 (c) time to answer a question after injecting T tokens into memory vs with the same T tokens
     in the prompt, T up to ~8k;
 (d) peak RSS of a fresh process that loads the model, fills a pool and answers, against the
-    sum of weights + pool + memory keys/values + decode cache.
+    sum of weights + pool + memory keys/values + decode cache;
+(e) separate write/read LoRA adapters (rank 8 on q/k/v/o/gate/up/down): decode tokens/s and
+    injection time with both adapters as peft branches, and with the reader merged into the
+    weights (the default on load), against the plain model (one adapter merged).
 """
 
 from __future__ import annotations
@@ -242,10 +245,49 @@ def bench_rss(sizes: list[int], k: int) -> None:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# (e) separate write/read adapters: peft branches vs the reader merged into the weights
+# ---------------------------------------------------------------------------------------------
+def bench_adapters(n: int, new_tokens: int, repeats: int) -> None:
+    from memoryllm.generate import SamplingParams, decode
+    from memoryllm.lm import load
+    from memoryllm.loading import _attach_adapters
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    text = " ".join(map(str, range(400)))
+    rows = []
+    for label in ("plain (one adapter merged)", "write/read adapters, peft branches", "write/read adapters, reader merged"):
+        lm = load(num_tokens=min(256, n), num_blocks=max(1, n // 256))
+        if "adapters" in label:
+            g = torch.Generator().manual_seed(0)
+            loras = {a: {name: {"A": torch.randn(8, m.in_features, generator=g) * 0.01, "B": torch.randn(m.out_features, 8, generator=g) * 0.01}
+                         for name, m in lm.model.named_modules() if name.rsplit(".", 1)[-1] in targets} for a in ("write", "read")}
+            _attach_adapters(lm.model, loras, {"lora_r": "8", "lora_alpha": "16"}, {"write": "write", "read": "read"}, merge_read="merged" in label)
+        state = filled_memory(lm)
+        prompt = torch.tensor([corpus_tokens(lm.tokenizer, 32)])
+
+        def tps() -> float:
+            times = [time.perf_counter() for _ in decode(lm.model, lm.prefix([state]), prompt, None, SamplingParams(max_new_tokens=new_tokens), set())]
+            return (len(times) - 1) / (times[-1] - times[0])
+
+        def inject() -> float:
+            start = time.perf_counter()
+            lm.inject(state, text)
+            return time.perf_counter() - start
+
+        tps(), inject()  # warm-up
+        rows.append([label, statistics.median(tps() for _ in range(repeats)), min(inject() for _ in range(repeats))])
+        del lm, state
+        gc.collect()
+    base_tps, base_inject = rows[0][1], rows[0][2]
+    table(f"(e) separate write/read adapters, N={n}, batch 1", ["weights", "decode tok/s", "vs plain", "inject s (400-token text)", "vs plain"],
+          [[r[0], r[1], r[1] / base_tps, r[2], r[2] / base_inject] for r in rows])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    ap.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'ab'")
+    ap.add_argument("--parts", default="abcde", help="which parts to run, e.g. 'ab'")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--rss-probe", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, default=256, help=argparse.SUPPRESS)
@@ -270,6 +312,8 @@ def main() -> None:
         bench_answer([512, 2048] if args.quick else [512, 1024, 2048, 4096, 7936], new_tokens=16)
     if "d" in args.parts:
         bench_rss([2048] if args.quick else [2048, 16384], k=256)
+    if "e" in args.parts:
+        bench_adapters(512, new_tokens=32 if args.quick else 64, repeats=2 if args.quick else 5)
 
 
 if __name__ == "__main__":

@@ -345,26 +345,39 @@ def test_release_decoder_lora_switches_adapters(tmp_path):
                 stored[f"base_model.model.model.layers.{l}.{mod}.lora_B.{adapter}.weight"] = b
                 merged[adapter][f"model.layers.{l}.{mod}.weight"] = w + (b @ a) * alpha / r
     save_file(stored, str(tmp_path / "dec" / "model.safetensors"))
-    model, _ = load(tmp_path / "dec")
-    assert model.adapter_roles == {"write": "default", "read": "decoder_adapter"}
+    unmerged, _ = load_memoryllm_checkpoint(tmp_path / "dec", merge_read=False)
+    assert unmerged.adapter_roles == {"write": "default", "read": "decoder_adapter"}
     refs = {}
     for adapter, state in merged.items():
-        ref = MemoryLLM(model.config)
+        ref = MemoryLLM(unmerged.config)
         ref.load_state_dict(state)
         refs[adapter] = ref.eval()
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     memory = tensors["memory"][None]
+    # the default: the reader folded into the weights, the writer a rank-2r difference
+    model, _ = load(tmp_path / "dec")
+    assert model.adapter_roles == {"write": "default", "read": None} and model.merged_read["read"] == "decoder_adapter"
+    assert all(set(m.lora_A) == {"default"} and m.r["default"] == 2 * r for m in model.lora_layers())
     with torch.no_grad():
-        torch.testing.assert_close(model.new_memory_tokens(memory, True, ids)[0], refs["default"].new_memory_tokens(memory, True, ids)[0], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(model(ids, memory=memory), refs["decoder_adapter"](ids, memory=memory), rtol=1e-4, atol=1e-4)
+        for m in (unmerged, model):
+            torch.testing.assert_close(m.new_memory_tokens(memory, True, ids)[0], refs["default"].new_memory_tokens(memory, True, ids)[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(m(ids, memory=memory), refs["decoder_adapter"](ids, memory=memory), rtol=1e-4, atol=1e-4)
         assert (refs["default"](ids, memory=memory) - model(ids, memory=memory)).abs().max() > 1e-2  # the roles differ
-    # saved again (the release's layout), it loads back with both adapters
-    save_memoryllm_checkpoint(model, tmp_path / "again")
-    again, _ = load(tmp_path / "again")
-    assert again.adapter_roles == model.adapter_roles
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids, memory=memory), model(ids, memory=memory), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(again.new_memory_tokens(memory, True, ids)[0], model.new_memory_tokens(memory, True, ids)[0], rtol=1e-5, atol=1e-5)
+        with model.adapter_for("read"):  # reading runs no LoRA branch
+            assert all(m.active_adapters == [] for m in model.lora_layers())
+    with pytest.raises(ValueError, match="separate write and read"):
+        model.merge_read_adapter()  # already merged
+    # saved again (the release's layout, the merge undone), both load back with both adapters
+    for i, m in enumerate((unmerged, model)):
+        save_memoryllm_checkpoint(m, tmp_path / f"again{i}")
+        stored_again = load_file(str(tmp_path / f"again{i}" / "model.safetensors"))
+        for k, v in stored.items():  # the release's own tensors come back (up to fp32 rounding)
+            torch.testing.assert_close(stored_again[k.removeprefix("base_model.model.").replace(".base_layer.", ".")], v, rtol=1e-5, atol=1e-5)
+        again, _ = load_memoryllm_checkpoint(tmp_path / f"again{i}", merge_read=False)
+        assert again.adapter_roles == unmerged.adapter_roles
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids, memory=memory), refs["decoder_adapter"](ids, memory=memory), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(again.new_memory_tokens(memory, True, ids)[0], refs["default"].new_memory_tokens(memory, True, ids)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_published_checkpoint(tmp_path):

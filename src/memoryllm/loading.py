@@ -360,11 +360,14 @@ def load_memoryllm_checkpoint(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    merge_read: bool = True,
     **overrides: Any,
 ) -> tuple[MemoryLLM, Any]:
     """(model, tokenizer or None) from a MemoryLLM folder: config.json with model_type "memoryllm"
     and the memory fields, safetensors with ``memory``, ``bos_embedding``, ... beside the Llama
-    weights. LoRA factors in PEFT naming are merged into the weights (W += B A * alpha / r)."""
+    weights. LoRA factors in PEFT naming are merged into the weights (W += B A * alpha / r).
+    Separate write/read adapters (add_decoder_lora) are attached with peft; ``merge_read``
+    (default) then folds the reader into the weights (``MemoryLLM.merge_read_adapter``)."""
     path = _check_folder(path)
     raw = _read_config(path)
     cfg = _config(raw, overrides, path)
@@ -385,7 +388,7 @@ def load_memoryllm_checkpoint(
         if roles is not None:  # two adapters cannot be merged into one weight: attach them unmerged
             lora = cfg.lora_config or {}
             meta = {"lora_r": str(lora.get("r")), "lora_alpha": str(lora.get("lora_alpha", lora.get("r"))), "use_rslora": bool(lora.get("use_rslora"))}
-            _attach_adapters(model, source.adapter_factors(), meta, roles)
+            _attach_adapters(model, source.adapter_factors(), meta, roles, merge_read=merge_read)
     return model, _tokenizer(path, required=False, own_config=True)
 
 
@@ -404,19 +407,50 @@ def _lora_scale(lora_config: dict[str, Any] | None, source: _TensorSource, path:
 def _release_adapter_layout(model: MemoryLLM, tensors: dict[str, Tensor], config: dict) -> tuple[dict[str, Tensor], dict]:
     """Separate write/read adapters under the 8B release's names ("default" writes,
     "decoder_adapter" reads) with add_decoder_lora and lora_config, so loading gives them back."""
-    rename = {model.adapter_roles["write"]: "default", model.adapter_roles["read"]: "decoder_adapter"}
+    if model.merged_read is not None:
+        tensors = _unmerge_read(model, tensors)
+    roles = model.merged_read or model.adapter_roles
+    rename = {roles["write"]: "default", roles["read"]: "decoder_adapter"}
     out = {}
     for k, v in tensors.items():
         m = _LORA_KEY.match(k.replace(".base_layer.", "."))
         if m and m["adapter"] in rename:
             k = f"{m['module']}.lora_{m['ab']}.{rename[m['adapter']]}.weight"
         out[k.replace(".base_layer.", ".")] = v
-    name = model.adapter_roles["read"]
-    wrapped = {id(m) for m in model.lora_layers() if name in m.r}
+    wrapped = {id(m) for m in model.lora_layers()}
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if id(m) in wrapped})
-    layer = next(m for m in model.lora_layers() if name in m.r)
-    config = {**config, "add_decoder_lora": True, "lora_config": {"r": int(layer.r[name]), "lora_alpha": float(layer.lora_alpha[name]), "use_rslora": bool(getattr(layer, "use_rslora", {}).get(name, False)), "target_modules": targets}}
+    if model.merged_read is not None:  # r and a scale reproduce s_r (use_rslora would change it)
+        r = model.merged_read["r_read"]
+        lora = {"r": r, "lora_alpha": model.merged_read["scale_read"] * r, "use_rslora": False}
+    else:
+        name, layer = roles["read"], model.lora_layers()[0]
+        lora = {"r": int(layer.r[name]), "lora_alpha": float(layer.lora_alpha[name]), "use_rslora": bool(getattr(layer, "use_rslora", {}).get(name, False))}
+    config = {**config, "add_decoder_lora": True, "lora_config": {**lora, "target_modules": targets}}
     return out, config
+
+
+def _unmerge_read(model: MemoryLLM, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict of a model before merge_read_adapter: W = W' - s_r B_r A_r and both
+    adapters split out of the stacked difference (each B divided by its scale again)."""
+    info = model.merged_read
+    write, read, r_w = info["write"], info["read"], info["r_write"]
+    if (info["scale_write"], r_w) != (info["scale_read"], info["r_read"]):
+        raise CheckpointError("the release layout has one lora_config for both adapters; these differ in rank or scale")
+    wrapped = {id(m) for m in model.lora_layers()}
+    out = dict(tensors)
+    for module, m in model.named_modules():
+        if id(m) not in wrapped:
+            continue
+        a, b = out.pop(f"{module}.lora_A.{write}.weight"), out.pop(f"{module}.lora_B.{write}.weight")
+        a_w, a_r = a[:r_w], a[r_w:]
+        b_w, b_r = b[:, :r_w] / info["scale_write"], -b[:, r_w:] / info["scale_read"]
+        base = f"{module}.base_layer.weight"
+        out[base] = (out[base].float() - info["scale_read"] * (b_r.float() @ a_r.float())).to(out[base].dtype)
+        for ab, t in (("A", a_w), ("B", b_w)):
+            out[f"{module}.lora_{ab}.{write}.weight"] = t.contiguous()
+        for ab, t in (("A", a_r), ("B", b_r)):
+            out[f"{module}.lora_{ab}.{read}.weight"] = t.contiguous()
+    return out
 
 
 def save_memoryllm_checkpoint(
@@ -635,14 +669,15 @@ def _convert_default_gguf(out: Path) -> None:
     print(f"memoryllm: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
-def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = None) -> dict | None:
+def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = None, *, merge_read: bool = True) -> dict | None:
     """Apply trained MemoryLLM weights (``memoryllm train``'s export; SHIPPED_WEIGHTS by default)
     to a base model in place: plain tensors (bos_embedding, new_memory_positional_emb, ...) are
     copied, LoRA factors merged (W += B A * lora_alpha / lora_r, the scale from the file's
     metadata). An export with separate write/read adapters (``<module>.lora_A.<adapter>.weight``,
     ``adapter_write`` / ``adapter_read`` in the metadata) cannot be merged into one weight: its
     adapters are attached unmerged with peft and the model switches between them
-    (``MemoryLLM.adapter_roles``). Returns what was applied, or None when the default file is
+    (``MemoryLLM.adapter_roles``); ``merge_read`` (default) then folds the read adapter into the
+    weights, so reading runs at plain speed (``MemoryLLM.merge_read_adapter``). Returns what was applied, or None when the default file is
     absent. Every check comes before the first write: a bad file changes nothing."""
     import hashlib
 
@@ -689,7 +724,7 @@ def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = Non
         for k, v in plain.items():
             expected[k].copy_(v)
         if named:
-            _attach_adapters(model, loras, meta, roles)
+            _attach_adapters(model, loras, meta, roles, merge_read=merge_read)
         for module, ab in loras.get("", {}).items():
             w = expected[f"{module}.weight"]
             w.copy_((w.float() + (ab["B"].float() @ ab["A"].float()) * scale).to(w.dtype))
@@ -700,8 +735,9 @@ def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = Non
     return info
 
 
-def _attach_adapters(model: MemoryLLM, loras: dict[str, dict[str, dict[str, Tensor]]], meta: dict, roles: dict) -> None:
-    """Separate write/read LoRA adapters, unmerged (peft layers, frozen), switched by role."""
+def _attach_adapters(model: MemoryLLM, loras: dict[str, dict[str, dict[str, Tensor]]], meta: dict, roles: dict, *, merge_read: bool) -> None:
+    """Separate write/read LoRA adapters as peft layers (frozen), switched by role; with
+    merge_read the reader is folded into the weights and only the writer stays a LoRA branch."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:  # the train extra
@@ -725,3 +761,5 @@ def _attach_adapters(model: MemoryLLM, loras: dict[str, dict[str, dict[str, Tens
     for p in model.parameters():
         p.requires_grad_(False)
     model.set_adapter_roles(roles["write"], roles["read"])
+    if merge_read:
+        model.merge_read_adapter()

@@ -17,7 +17,8 @@ published MemoryLLM checkpoints, so state dicts load without renaming.
 
 Separate LoRA adapters for writing and reading (the 8B release's ``add_decoder_lora``): when
 ``adapter_roles`` names them, every self-update runs with the "write" adapter active and every
-read (memory keys, prediction) with the "read" adapter.
+read (memory keys, prediction) with the "read" adapter. For inference ``merge_read_adapter``
+folds the read adapter into the weights, so generation runs at the speed of a plain model.
 """
 
 from __future__ import annotations
@@ -245,7 +246,9 @@ def _adapter_role(role: str) -> Callable:
 class MemoryLLM(nn.Module):
     # {"write": adapter name, "read": adapter name} when the model carries separate LoRA
     # adapters (peft layers, unmerged); None: one set of weights does both
-    adapter_roles: dict[str, str] | None = None
+    adapter_roles: dict[str, str | None] | None = None
+    # set by merge_read_adapter: what was folded into the weights, so a save can undo it
+    merged_read: dict | None = None
 
     def __init__(self, cfg: MemoryLLMConfig):
         super().__init__()
@@ -270,7 +273,7 @@ class MemoryLLM(nn.Module):
     # ---- small helpers ----
     def set_adapter_roles(self, write: str | None, read: str | None) -> None:
         """Name the LoRA adapters (already injected, e.g. by peft) that serve writing and reading;
-        (None, None): one set of weights does both."""
+        (None, None): one set of weights does both; a role named None runs with no adapter."""
         self.adapter_roles = None if write is None and read is None else {"write": write, "read": read}
         self.__dict__.pop("_lora_layers", None)
 
@@ -288,19 +291,51 @@ class MemoryLLM(nn.Module):
         Duck-typed on peft's LoRA layers; their ``_active_adapter`` is set directly because
         peft's ``set_adapter`` also flips ``requires_grad``, which would freeze the other
         adapter in the middle of a training step whose graph uses both."""
-        name = (self.adapter_roles or {}).get(role)
-        if name is None:
+        if self.adapter_roles is None:
             yield
             return
+        name = self.adapter_roles[role]
         layers = self.lora_layers()
         before = [m._active_adapter for m in layers]
         for m in layers:
-            m._active_adapter = [name]
+            m._active_adapter = [name] if name is not None else []
         try:
             yield
         finally:
             for m, b in zip(layers, before):
                 m._active_adapter = b
+
+    @torch.no_grad()
+    def merge_read_adapter(self) -> None:
+        """Fold the read adapter into the base weights, W' = W + s_r B_r A_r, and turn the write
+        adapter into the difference: A = [A_w; A_r], B = [s_w B_w, -s_r B_r], scale 1, so a
+        self-update still computes W + s_w B_w A_w. Reads (every generated token) then run with
+        no LoRA branch at all; only writes pay for one, of rank r_w + r_r. The sums are in fp32."""
+        roles = self.adapter_roles
+        if roles is None or roles["read"] is None or roles["write"] is None:
+            raise ValueError(f"merge_read_adapter needs separate write and read adapters, the roles are {roles}")
+        write, read = roles["write"], roles["read"]
+        layers = self.lora_layers()
+        ranks = {(m.r[write], m.r[read], float(m.scaling[write]), float(m.scaling[read])) for m in layers}
+        if any(write not in m.lora_A or read not in m.lora_A for m in layers) or len(ranks) != 1:
+            raise ValueError("merge_read_adapter needs both adapters on every LoRA layer, with one rank and scale each")
+        (r_w, r_r, s_w, s_r), = ranks
+        for m in layers:
+            base = m.get_base_layer().weight
+            a_w, b_w = m.lora_A[write].weight.float(), m.lora_B[write].weight.float()
+            a_r, b_r = m.lora_A[read].weight.float(), m.lora_B[read].weight.float()
+            base.copy_((base.float() + s_r * (b_r @ a_r)).to(base.dtype))
+            a, b = torch.cat([a_w, a_r], 0), torch.cat([s_w * b_w, -s_r * b_r], 1)
+            dtype, device = m.lora_A[write].weight.dtype, base.device
+            m.lora_A[write] = nn.Linear(a.shape[1], a.shape[0], bias=False, dtype=dtype, device=device).requires_grad_(False)
+            m.lora_B[write] = nn.Linear(b.shape[1], b.shape[0], bias=False, dtype=dtype, device=device).requires_grad_(False)
+            m.lora_A[write].weight.copy_(a)
+            m.lora_B[write].weight.copy_(b)
+            m.r[write], m.lora_alpha[write], m.scaling[write] = r_w + r_r, r_w + r_r, 1.0
+            m._active_adapter = [write]  # deleting an inactive adapter: peft picks no new one
+            m.delete_adapter(read)
+        self.merged_read = {"write": write, "read": read, "r_write": r_w, "r_read": r_r, "scale_write": s_w, "scale_read": s_r}
+        self.set_adapter_roles(write, None)
 
     @property
     def device(self) -> torch.device:
