@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from memoryllm import MemoryLLM, MemoryLLMConfig
 from memoryllm import loading
+from memoryllm.lm import model_fingerprint
 from memoryllm.loading import (
     CheckpointError,
     load,
@@ -367,6 +368,9 @@ def test_release_decoder_lora_switches_adapters(tmp_path):
             assert all(m.active_adapters == [] for m in model.lora_layers())
     with pytest.raises(ValueError, match="separate write and read"):
         model.merge_read_adapter()  # already merged
+    # a pool's model id samples the (peft-wrapped) weights: the merged model reads like the
+    # reference with the reader merged by hand, and differs from the write-merged one
+    assert model_fingerprint(model) == model_fingerprint(refs["decoder_adapter"]) != model_fingerprint(refs["default"])
     # saved again (the release's layout, the merge undone), both load back with both adapters
     for i, m in enumerate((unmerged, model)):
         save_memoryllm_checkpoint(m, tmp_path / f"again{i}")

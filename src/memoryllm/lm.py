@@ -72,7 +72,11 @@ def model_fingerprint(model: MemoryLLM) -> str:
     cfg = model.config
     h = hashlib.sha256(repr(sorted(cfg.fingerprint().items())).encode())
     named = dict(model.named_parameters())
-    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "bos_embedding", "new_memory_positional_emb", "model.norm.weight"):
+    # under separate write/read adapters peft holds the projection's weight as base_layer (the
+    # reader folded in after merge_read_adapter, so merge_read=False loads give another id)
+    q_proj = "model.layers.0.self_attn.q_proj"
+    q_proj = q_proj + (".base_layer.weight" if f"{q_proj}.base_layer.weight" in named else ".weight")
+    for name in ("model.embed_tokens.weight", q_proj, "bos_embedding", "new_memory_positional_emb", "model.norm.weight"):
         t = named.get(name)
         if t is not None:
             sample = t.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
