@@ -117,6 +117,30 @@ def test_grad_flows_through_injection_only_in_process_a(tmp_path):
         assert (g is not None and bool(g.abs().sum() > 0)) == through
 
 
+def test_lm_fresh_pool_prob(tmp_path):
+    """lm_fresh_pool_prob sends that share of new-knowledge / continuous batches to an empty
+    pool: those read nothing of the training pool; everything else about the batches, and every
+    batch of a config without it, stays as before."""
+    data = toy_data(0, "ARA", n=50)
+    for routine in ("new_knowledge", "continuous"):
+        plain, half, always = ([build_batch(toy_config(tmp_path, routine, lm_fresh_pool_prob=p), data, i, 0) for i in range(40)] for p in (0.0, 0.5, 1.0))
+        assert not any(b.fresh_pool for b in plain) and all(b.fresh_pool for b in always)
+        assert 5 < sum(b.fresh_pool for b in half) < 35
+        for batches in (half, always):
+            assert [(b.routine, b.contexts, b.targets, b.seed) for b in batches] == [(b.routine, b.contexts, b.targets, b.seed) for b in plain]
+    with pytest.raises(ConfigError, match="lm_fresh_pool_prob"):
+        toy_config(tmp_path, lm_fresh_pool_prob=1.5).validate()
+    model = tiny_model(num_tokens=8, num_blocks=2)
+    pools = [TrainPool(model, 0), TrainPool(model, 0)]
+    pools[0].write(model, [data.docs[0][:SEG]], 0)
+    pools[1].write(model, [data.docs[1][:SEG]], 0)
+    with torch.no_grad():
+        for p, same in ((1.0, True), (0.0, False)):
+            batch = build_batch(toy_config(tmp_path, "new_knowledge", process_a_prob=0.0, lm_fresh_pool_prob=p), data, 0, 0)
+            losses = [memory_loss(model, batch, pool, 0)[0] for pool in pools]
+            assert torch.equal(losses[0], losses[1]) == same
+
+
 def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -61,6 +61,10 @@ class TrainConfig:
     forgetting_max_gap: int = 4  # unrelated documents injected between the target's x1 and x2
     qa_grad_through_injection: bool = True
     qa_fresh_pool: bool = True  # inject the QA context into an empty pool (as the evaluation does)
+    # share of new-knowledge and continuous batches injected into an empty pool instead of the
+    # evolving training pool: a new user's memory starts empty (the first context is tiled over
+    # it), a case the training pool never shows once it is initialised
+    lm_fresh_pool_prob: float = 0.0
     integrity_contexts: int = 1  # contexts per micro-batch written into the training pool after each step
     pool_warmup_contexts: int = 4  # injections that initialise the training pool before step 1
     # ---- optimisation ----
@@ -96,6 +100,7 @@ class TrainConfig:
             (self.steps >= 0 and self.batch_size >= 1 and self.grad_accum >= 1, "steps >= 0, batch_size >= 1, grad_accum >= 1"),
             (min(self.ratios().values()) >= 0 and sum(self.ratios().values()) > 0, "routine ratios must be >= 0 and not all 0"),
             (0.0 <= self.process_a_prob <= 1.0, "process_a_prob must be in [0, 1]"),
+            (0.0 <= self.lm_fresh_pool_prob <= 1.0, "lm_fresh_pool_prob must be in [0, 1]"),
             (2 <= self.continuous_min_segments <= self.continuous_max_segments, "need 2 <= continuous_min_segments <= continuous_max_segments"),
             (self.forgetting_max_gap >= 1, "forgetting_max_gap must be >= 1"),
             (self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got {self.precision!r}"),

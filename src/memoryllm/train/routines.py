@@ -50,13 +50,19 @@ def _lengths(rng: random.Random, cfg, n: int) -> list[int]:
     return [rng.randint(cfg.segment_min, cfg.segment_max) for _ in range(n)]
 
 
+def _fresh_pool(rng: random.Random, cfg) -> bool:
+    # drawn last, and only when enabled, so a config without it samples the same batches
+    return cfg.lm_fresh_pool_prob > 0 and rng.random() < cfg.lm_fresh_pool_prob
+
+
 def new_knowledge(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
     """Routine 1: a document split into (x1, x2); inject x1, predict x2. Process A (share
     process_a_prob) backpropagates through the injection and reads only the K new tokens;
     process B injects without gradient and reads the whole updated pool."""
     pairs = [data.segments(rng, _lengths(rng, cfg, 2))[1] for _ in range(cfg.batch_size)]
     a = rng.random() < cfg.process_a_prob
-    return Batch("new_knowledge_A" if a else "new_knowledge_B", [[p[0] for p in pairs]], [p[1] for p in pairs], [1] * len(pairs), a, a, False, rng.getrandbits(63))
+    seed = rng.getrandbits(63)
+    return Batch("new_knowledge_A" if a else "new_knowledge_B", [[p[0] for p in pairs]], [p[1] for p in pairs], [1] * len(pairs), a, a, _fresh_pool(rng, cfg), seed)
 
 
 def continuous(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
@@ -67,7 +73,8 @@ def continuous(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
     n = rng.randint(cfg.continuous_min_segments, n_max)
     docs = [data.segments(rng, _lengths(rng, cfg, n))[1] for _ in range(cfg.batch_size)]
     rounds = [[d[r] for d in docs] for r in range(n - 1)]
-    return Batch("continuous", rounds, [d[-1] for d in docs], [1] * len(docs), False, False, False, rng.getrandbits(63))
+    seed = rng.getrandbits(63)
+    return Batch("continuous", rounds, [d[-1] for d in docs], [1] * len(docs), False, False, _fresh_pool(rng, cfg), seed)
 
 
 def forgetting(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
