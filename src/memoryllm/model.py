@@ -316,9 +316,11 @@ class MemoryLLM(nn.Module):
             raise ValueError(f"merge_read_adapter needs separate write and read adapters, the roles are {roles}")
         write, read = roles["write"], roles["read"]
         layers = self.lora_layers()
+        if any(write not in m.lora_A or read not in m.lora_A for m in layers):
+            raise ValueError("merge_read_adapter needs both adapters on every LoRA layer")
         ranks = {(m.r[write], m.r[read], float(m.scaling[write]), float(m.scaling[read])) for m in layers}
-        if any(write not in m.lora_A or read not in m.lora_A for m in layers) or len(ranks) != 1:
-            raise ValueError("merge_read_adapter needs both adapters on every LoRA layer, with one rank and scale each")
+        if len(ranks) != 1:  # checked before the first write: a refusal leaves the model as it was
+            raise ValueError(f"merge_read_adapter needs one rank and scale per adapter across layers, found {sorted(ranks)[:4]}")
         (r_w, r_r, s_w, s_r), = ranks
         for m in layers:
             base = m.get_base_layer().weight
