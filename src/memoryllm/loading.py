@@ -677,7 +677,7 @@ def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = Non
     ``adapter_write`` / ``adapter_read`` in the metadata) cannot be merged into one weight: its
     adapters are attached unmerged with peft and the model switches between them
     (``MemoryLLM.adapter_roles``); ``merge_read`` (default) then folds the read adapter into the
-    weights, so reading runs at plain speed (``MemoryLLM.merge_read_adapter``). Returns what was applied, or None when the default file is
+    weights, so reading runs no LoRA branch (``MemoryLLM.merge_read_adapter``). Returns what was applied, or None when the default file is
     absent. Every check comes before the first write: a bad file changes nothing."""
     import hashlib
 

@@ -18,7 +18,7 @@ published MemoryLLM checkpoints, so state dicts load without renaming.
 Separate LoRA adapters for writing and reading (the 8B release's ``add_decoder_lora``): when
 ``adapter_roles`` names them, every self-update runs with the "write" adapter active and every
 read (memory keys, prediction) with the "read" adapter. For inference ``merge_read_adapter``
-folds the read adapter into the weights, so generation runs at the speed of a plain model.
+folds the read adapter into the weights, so generation runs no LoRA branch.
 """
 
 from __future__ import annotations
