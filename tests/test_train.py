@@ -19,7 +19,7 @@ from memoryllm import loading
 from memoryllm.train import ConfigError, TrainConfig, export_weights, train
 from memoryllm.train.data import QARow, TrainData
 from memoryllm.train.engine import prepare_trainable
-from memoryllm.train.routines import TrainPool, build_batch, memory_loss
+from memoryllm.train.routines import Batch, TrainPool, build_batch, memory_loss
 
 ROUTINES = ("new_knowledge", "continuous", "forgetting", "qa")
 SEG = 8
@@ -141,6 +141,79 @@ def test_lm_fresh_pool_prob(tmp_path):
             assert torch.equal(losses[0], losses[1]) == same
 
 
+def _random_docs(seed: int, n: int, length: int) -> TrainData:
+    """Documents of random tokens: a piece of one occurs in no other (for locating pieces)."""
+    rng = random.Random(seed)
+    return TrainData([[rng.randrange(10, 250) for _ in range(length)] for _ in range(n)], [])
+
+
+def _contiguous(docs: list[list[int]], pieces: list[list[int]]) -> bool:
+    whole = sum(pieces, [])
+    return any(d[i : i + len(whole)] == whole for d in docs for i in range(len(d) - len(whole) + 1))
+
+
+def test_forgetting_across_steps_predicts_what_earlier_steps_wrote(tmp_path, monkeypatch):
+    """Algorithm 1 across optimizer steps: every target of an across-steps forgetting batch is
+    the segment that follows, in its document, a context the integrity rule wrote into the
+    pool 1..forgetting_max_gap steps before (checked against the engine's actual writes), and
+    the batch injects nothing; the first step, with nothing written yet, falls back."""
+    from memoryllm.train import engine
+
+    data = _random_docs(0, 60, 40)
+    writes, built = [], []
+    real_write, real_build = TrainPool.write, engine.build_batch
+
+    def write(self, model, contexts, pad):
+        writes.append([list(c) for c in contexts])
+        return real_write(self, model, contexts, pad)
+
+    def build(cfg, d, index, step, per_step=None):
+        built.append((step, real_build(cfg, d, index, step, per_step)))
+        return built[-1][1]
+
+    monkeypatch.setattr(TrainPool, "write", write)
+    monkeypatch.setattr(engine, "build_batch", build)
+    cfg = toy_config(tmp_path, None, steps=7, batch_size=3, grad_accum=2, integrity_contexts=2, lora_r=2, forgetting_max_gap=2, forgetting_across_steps=True, ratio_qa=0.0)
+    train(cfg, model=tiny_model(num_tokens=8, num_blocks=4), tokenizer=make_tokenizer(), data=data)
+    assert len(writes) == 1 + cfg.steps  # the warm-up, then one write per step
+    across = [(s, b) for s, b in built if b.routine == "forgetting_across"]
+    assert len(across) >= 2 and {s for s, _ in across} - {0} == {s for s, _ in across}
+    assert all(b.routine == "forgetting" for s, b in built if s == 0 and b.routine.startswith("forgetting"))
+    for step, batch in across:
+        assert batch.contexts == [] and 1 <= len(batch.targets) <= cfg.batch_size
+        for target in batch.targets:
+            sources = [w for gap in (1, 2) if step - gap >= 0 for w in writes[1 + step - gap]]
+            assert any(_contiguous(data.docs, [w, target]) for w in sources), (step, target)
+    with pytest.raises(ConfigError, match="integrity_contexts >= 1"):  # nothing would ever be written
+        toy_config(tmp_path, None, forgetting_across_steps=True, integrity_contexts=0)
+
+
+def test_forgetting_across_steps_learns_to_read_the_pool(tmp_path):
+    """On the toy task, across-steps forgetting learns to read the training pool: the other
+    batches are new-knowledge process A (it reads only the K new tokens, never the pool), whose
+    x1 the integrity rule writes, one per step, so the target's context is the last one written
+    (the toy's secret has no key to find an older one by). Its loss falls, and predicting x2
+    from a pool that received its x1 beats the same pool that received another document's x1."""
+    cfg = toy_config(tmp_path, None, steps=150, lr=3e-3, full_finetune=True, ratio_continuous=0.0, ratio_qa=0.0, ratio_new_knowledge=0.5, process_a_prob=1.0, ratio_forgetting=0.5, forgetting_across_steps=True, forgetting_max_gap=1, integrity_contexts=1)
+    res = train(cfg, model=tiny_model(num_tokens=8, num_blocks=4), tokenizer=make_tokenizer(), data=toy_data(0, "AA"))
+    model, pool = res["model"].eval(), res["pool"]
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    across = [float(r.split(",")[1]) for r in metrics if r.split(",")[2] == "forgetting_across"]
+    third = len(across) // 3
+    assert third >= 10 and sum(across[-third:]) / third < sum(across[:third]) / third - 0.5, across
+    held = toy_data(1, "AA", n=40)
+    on, off = [], []
+    with torch.no_grad():
+        for i in range(0, 40, 2):
+            x1, x2 = held.docs[i][:SEG], held.docs[i][SEG:]
+            for written, out in ((x1, on), (held.docs[i + 1][:SEG], off)):
+                p = TrainPool(model, 0)
+                p.load_state_dict({**pool.state_dict(), "memory": pool.memory.clone()})
+                p.write(model, [written], 0)
+                out.append(memory_loss(model, Batch("eval", [], [x2], [1], False, False, False, 0), p, 0)[0].item())
+    assert sum(on) / len(on) < sum(off) / len(off) - 0.2, (sum(on) / len(on), sum(off) / len(off))
+
+
 def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -180,10 +253,12 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) ->
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("across", [False, True])
+def test_ddp_two_processes_equal_one_process(tmp_path, across):
     import torch.multiprocessing as mp
 
-    kw = dict(steps=3, batch_size=2, lora_r=2, lr=3e-3)
+    # across: forgetting batches rebuilt from earlier steps' indices must agree between layouts
+    kw = dict(steps=4 if across else 3, batch_size=2, lora_r=2, lr=3e-3, forgetting_across_steps=across)
     mp.spawn(_ddp_worker, args=(2, _free_port(), toy_config(tmp_path / "ddp", **kw), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     # the same global batch on one process: grad_accum = world size

@@ -7,7 +7,9 @@
   the same normalisation, so "The Eiffel Tower." contains "eiffel tower").
 * ``harmonic_mean``: the editing Score (efficacy, generalization, specificity).
 * ``eq5_curve``: the paper's Eq. 5 forgetting curve for pool size N and K tokens per update.
-* ``wilson_interval`` / ``bootstrap_ci``: confidence intervals for rates and means.
+* ``wilson_interval`` / ``bootstrap_ci``: confidence intervals for rates and means;
+  ``token_mean_ci`` / ``paired_loss_difference``: a token-weighted loss, and the difference of
+  two conditions on the same examples, with intervals that resample whole examples.
 """
 
 from __future__ import annotations
@@ -128,6 +130,41 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, alpha: float = 
     lo = means[int(math.floor(alpha / 2 * (n_boot - 1)))]
     hi = means[int(math.ceil((1 - alpha / 2) * (n_boot - 1)))]
     return (lo, hi)
+
+
+def _token_mean(rows: Sequence[tuple[float, int]], idx: Sequence[int]) -> float:
+    return sum(rows[i][0] for i in idx) / sum(rows[i][1] for i in idx)
+
+
+def token_mean_ci(rows: Sequence[tuple[float, int]], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The token-weighted mean loss of examples given as (summed loss, tokens), with a percentile
+    bootstrap 95% interval that resamples whole examples (their tokens are not independent)."""
+    n = len(rows)
+    if n == 0:
+        return {"mean": float("nan"), "n": 0, "ci95": [float("nan"), float("nan")], "ci": "bootstrap over examples"}
+    rng = random.Random(seed)
+    boots = sorted(_token_mean(rows, [rng.randrange(n) for _ in range(n)]) for _ in range(n_boot))
+    lo, hi = boots[int(math.floor(0.025 * (n_boot - 1)))], boots[int(math.ceil(0.975 * (n_boot - 1)))]
+    return {"mean": _token_mean(rows, range(n)), "n": n, "ci95": [lo, hi], "ci": "bootstrap over examples"}
+
+
+def paired_loss_difference(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Token-weighted mean loss of ``a`` minus that of ``b``, two conditions scored on the same
+    examples (as (summed loss, tokens)), with a paired bootstrap 95% interval: each resample
+    draws examples and takes both conditions' losses of the drawn examples, so the spread
+    between documents, which both conditions share, does not widen the interval."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a paired difference needs the same non-empty examples in both conditions (got {len(a)} and {len(b)})")
+    n = len(a)
+    rng = random.Random(seed)
+    diffs = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        diffs.append(_token_mean(a, idx) - _token_mean(b, idx))
+    diffs.sort()
+    lo, hi = diffs[int(math.floor(0.025 * (n_boot - 1)))], diffs[int(math.ceil(0.975 * (n_boot - 1)))]
+    below = sum(d < 0 for d in diffs) / n_boot
+    return {"difference": _token_mean(a, range(n)) - _token_mean(b, range(n)), "n": n, "ci95": [lo, hi], "share_of_resamples_below_zero": below, "ci": "paired bootstrap over examples"}
 
 
 def rate(flags: Sequence[bool | int]) -> dict:

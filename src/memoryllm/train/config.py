@@ -58,7 +58,11 @@ class TrainConfig:
     continuous_min_segments: int = 3  # n: inject x1..x(n-1), predict xn
     continuous_max_segments: int = 6  # reached after continuous_ramp_steps (the growing schedule)
     continuous_ramp_steps: int = 200
-    forgetting_max_gap: int = 4  # unrelated documents injected between the target's x1 and x2
+    forgetting_max_gap: int = 4  # unrelated documents injected between the target's x1 and x2 (across steps: steps back)
+    # Algorithm 1 as the paper runs it: predict the continuation of a context the integrity rule
+    # wrote into the training pool 1..forgetting_max_gap steps earlier, reading the pool as it is
+    # (no injection in the batch); false: cache and inject unrelated documents within the step
+    forgetting_across_steps: bool = False
     qa_grad_through_injection: bool = True
     qa_fresh_pool: bool = True  # inject the QA context into an empty pool (as the evaluation does)
     # share of new-knowledge and continuous batches injected into an empty pool instead of the
@@ -103,6 +107,8 @@ class TrainConfig:
             (0.0 <= self.lm_fresh_pool_prob <= 1.0, "lm_fresh_pool_prob must be in [0, 1]"),
             (2 <= self.continuous_min_segments <= self.continuous_max_segments, "need 2 <= continuous_min_segments <= continuous_max_segments"),
             (self.forgetting_max_gap >= 1, "forgetting_max_gap must be >= 1"),
+            (not self.forgetting_across_steps or self.ratio_forgetting == 0 or (self.integrity_contexts >= 1 and self.ratio_new_knowledge + self.ratio_continuous > 0),
+             "forgetting_across_steps predicts contexts that new_knowledge / continuous batches wrote into the pool: it needs integrity_contexts >= 1 and ratio_new_knowledge or ratio_continuous > 0"),
             (self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got {self.precision!r}"),
             (self.full_finetune or self.lora_r >= 1, "lora_r must be >= 1 (or full_finetune = true)"),
             (set(self.lora_targets) <= set(LORA_TARGETS), f"lora_targets must be among {LORA_TARGETS}"),

@@ -368,7 +368,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
         step_loss, tokens, routines, contexts = 0.0, 0, [], []
         for m in range(cfg.grad_accum):
             index = (step * cfg.grad_accum + m) * world + rank
-            batch = build_batch(cfg, data, index, step)
+            batch = build_batch(cfg, data, index, step, cfg.grad_accum * world)
             sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else module.no_sync()
             amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
             with sync:
@@ -378,7 +378,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
             step_loss += loss.item() / cfg.grad_accum
             tokens += batch.num_tokens()
             routines.append(batch.routine)
-            contexts.append((index, [batch.contexts[0][b] for b in range(min(cfg.integrity_contexts, len(batch.contexts[0])))]))
+            written = batch.contexts[0] if batch.contexts else []  # an across-steps forgetting batch injects nothing
+            contexts.append((index, written[: cfg.integrity_contexts]))
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else torch.tensor(0.0)
         scaler.step(opt)

@@ -13,7 +13,10 @@ teacher-forced log-likelihood (per token) and a greedy 10-token hit, for:
   none_trained / prompt_trained: the trained model without memory (does training hurt the base?)
 Language modelling on held-out (x1, x2) pairs of wikipedia/news: loss on x2 with memory of x1
 (trained, untrained), with x1 in the prompt (base), and alone; and continuous contexts: loss on
-xn with memory of x1..x(n-1) vs the base with only x(n-1) in its window, or none.
+xn with memory of x1..x(n-1) vs the base with only x(n-1) in its window, or none. Each loss
+has a bootstrap interval over examples, and conditions measured on the same examples are
+compared pairwise (``lm_pairs_compare``, ``continuous_compare``: paired bootstrap intervals of
+the difference, which are much tighter than the two losses' own intervals).
 Conditions already in the output file are kept (``--conditions`` runs a subset), so the base
 rows can be measured while the model trains.
 """
@@ -124,33 +127,50 @@ def lm_examples(cfg: TrainConfig, tokenizer, n: int, segments: int, seed: int) -
 
 @torch.no_grad()
 def measure_lm(base, trained, examples: list[list[list[int]]], conditions, batch: int, log) -> dict:
+    """Per condition: the token-weighted loss on each example's last segment, its bootstrap
+    interval, and each example's (summed loss, tokens), which ``compare_lm`` pairs up."""
     pad = base.tokenizer.pad_token_id or 0
     res = {}
     for cond in conditions:
         lm = trained if cond.endswith("trained") else base
-        # the instruct base answers better in its chat template ("Answer briefly: ..."): the
-        # *_chat condition gives the in-prompt baseline its best prompt, not only ours
-        style = "chat" if cond.endswith("_chat") else "plain"
         pool = TrainPool(lm.model, 0)
-        total, count = 0.0, 0
+        rows: list[tuple[float, int]] = []
         t0 = time.perf_counter()
         for s in range(0, len(examples), batch):
             part = examples[s : s + batch]
             rounds = [[ex[r] for ex in part] for r in range(len(part[0]) - 1)]
             b = Batch("eval", rounds, [ex[-1] for ex in part], [1] * len(part), False, False, True, s)
             if cond.startswith("memory"):
-                loss, n = memory_loss(lm.model, b, pool, pad)
+                sums, counts = memory_loss(lm.model, b, pool, pad, per_row=True)
             elif cond.startswith("prompt_last"):  # the window truncated to the last context segment
-                loss, n = prompt_loss(lm.model, b, pad, [ex[-2] for ex in part])
+                sums, counts = prompt_loss(lm.model, b, pad, [ex[-2] for ex in part], per_row=True)
             elif cond.startswith("prompt_all"):
-                loss, n = prompt_loss(lm.model, b, pad, [sum(ex[:-1], []) for ex in part])
+                sums, counts = prompt_loss(lm.model, b, pad, [sum(ex[:-1], []) for ex in part], per_row=True)
             else:
-                loss, n = prompt_loss(lm.model, b, pad)
-            total += loss.item() * n
-            count += n
-        res[cond] = {"loss": round(total / count, 4), "tokens": count, "pairs": len(examples), "seconds": round(time.perf_counter() - t0, 1)}
-        log(f"lm {len(examples[0])} segments {cond}: loss {res[cond]['loss']} ({res[cond]['seconds']} s)")
+                sums, counts = prompt_loss(lm.model, b, pad, per_row=True)
+            rows += [(float(x), int(c)) for x, c in zip(sums.tolist(), counts.tolist())]
+        ci = metrics.token_mean_ci(rows)
+        res[cond] = {"loss": round(ci["mean"], 4), "ci95": [round(x, 4) for x in ci["ci95"]], "tokens": sum(c for _, c in rows), "pairs": len(examples), "seconds": round(time.perf_counter() - t0, 1), "per_example": [[round(x, 4), c] for x, c in rows]}
+        log(f"lm {len(examples[0])} segments {cond}: loss {res[cond]['loss']} {res[cond]['ci95']} ({res[cond]['seconds']} s)")
     return res
+
+
+# (trained condition, its reference): the issue's targets and the memory-off baseline
+LM_COMPARISONS = (("memory_trained", "prompt_last"), ("memory_trained", "none"), ("memory_trained", "none_trained"), ("memory_trained", "memory_base"))
+
+
+def compare_lm(section: dict) -> dict:
+    """Paired differences (trained minus reference, negative = the trained memory is better)
+    for every LM_COMPARISONS pair measured on the same examples in ``section`` (one results
+    block: condition -> result)."""
+    out = {}
+    for a, b in LM_COMPARISONS:
+        ra, rb = section.get(a, {}).get("per_example"), section.get(b, {}).get("per_example")
+        if not ra or not rb or len(ra) != len(rb):
+            continue
+        d = metrics.paired_loss_difference(ra, rb)
+        out[f"{a} - {b}"] = {k: [round(x, 4) for x in v] if k == "ci95" else round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+    return out
 
 
 def main(argv=None) -> int:
@@ -208,10 +228,12 @@ def main(argv=None) -> int:
         pairs = lm_examples(cfg, base.tokenizer, args.lm_pairs, 2, args.seed)
         pair_conds = [c for c in lm_conds if c != "prompt_all"]  # with two segments prompt_all is prompt_last
         result.setdefault("lm_pairs", {}).update(measure_lm(base, trained, pairs, pair_conds, args.batch_size, log))
+        result["lm_pairs_compare"] = compare_lm(result["lm_pairs"])
         save()
     for n in [int(x) for x in args.continuous.split(",") if x]:
         docs = lm_examples(cfg, base.tokenizer, args.continuous_docs, n, args.seed)
         result.setdefault("continuous", {}).setdefault(str(n), {}).update(measure_lm(base, trained, docs, lm_conds, max(1, args.batch_size // 2), log))
+        result.setdefault("continuous_compare", {})[str(n)] = compare_lm(result["continuous"][str(n)])
         save()
     log(f"done -> {out}")
     return 0

@@ -10,6 +10,7 @@ new_knowledge, process A (Fig 2) x1                           yes               
 new_knowledge, process B (Fig 2) x1                           no                the whole updated pool
 continuous                       x1 .. x(n-1)                 no                the whole pool
 forgetting (Alg. 1)              x1, then g unrelated docs    no                the whole pool
+  across steps (the paper's way)   nothing: x1 was written g steps ago by the integrity rule
 qa                               the row's context            configurable      the whole pool
 
 The LM routines start from the evolving training pool (``TrainPool``); after each optimizer step
@@ -103,12 +104,57 @@ def qa(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
 ROUTINE_FNS = {"new_knowledge": new_knowledge, "continuous": continuous, "forgetting": forgetting, "qa": qa}
 
 
-def build_batch(cfg, data: TrainData, index: int, step: int) -> Batch:
-    """The micro-batch with global index ``index`` (a function of seed and index only)."""
+def _routine(cfg, index: int) -> tuple[random.Random, str]:
     rng = random.Random(f"{cfg.seed}:{index}")
     names, weights = zip(*cfg.ratios().items())
-    routine = rng.choices(names, weights)[0]
+    return rng, rng.choices(names, weights)[0]
+
+
+def build_batch(cfg, data: TrainData, index: int, step: int, per_step: int | None = None) -> Batch:
+    """The micro-batch with global index ``index`` (a function of seed and index only).
+    ``per_step``: micro-batches per optimizer step over all processes (grad_accum * world);
+    step s holds indices [s * per_step, (s + 1) * per_step) whatever the process layout."""
+    rng, routine = _routine(cfg, index)
+    if routine == "forgetting" and cfg.forgetting_across_steps:
+        batch = forgetting_across_steps(cfg, data, rng, index, per_step or cfg.grad_accum)
+        if batch is not None:
+            return batch
     return ROUTINE_FNS[routine](data, rng, cfg, step)
+
+
+def written_context(batch: Batch, b: int) -> tuple[list[int], list[int]] | None:
+    """(context the integrity rule writes for row b of a language-modelling batch, the segment
+    that follows it in its document), or None for batches whose written context has no
+    continuation to predict (QA)."""
+    if batch.routine.startswith("new_knowledge") or batch.routine == "forgetting":
+        return batch.contexts[0][b], batch.targets[b]
+    if batch.routine == "continuous":
+        return batch.contexts[0][b], batch.contexts[1][b]
+    return None
+
+
+def forgetting_across_steps(cfg, data: TrainData, rng: random.Random, index: int, per_step: int) -> Batch | None:
+    """Routine 3 as Algorithm 1 runs it: a context x1 that an earlier step's integrity write put
+    into the training pool 1..forgetting_max_gap steps ago is the cache; this batch predicts
+    the segment that followed it from the pool as it is now, after the writes of the steps in
+    between (no injection, so the batch costs one read). Earlier micro-batches are rebuilt
+    from their indices, so this needs no state beyond the pool. None when no earlier step has
+    a language-modelling context (the first step): the caller then falls back to the
+    within-step routine."""
+    step = index // per_step
+    candidates = []
+    for gap in range(1, min(cfg.forgetting_max_gap, step) + 1):
+        for j in range((step - gap) * per_step, (step - gap + 1) * per_step):
+            if _routine(cfg, j)[1] not in ("new_knowledge", "continuous"):
+                continue  # QA contexts have no continuation; forgetting batches write little
+            earlier = build_batch(cfg, data, j, step - gap, per_step)
+            for b in range(min(cfg.integrity_contexts, len(earlier.targets))):
+                candidates.append(written_context(earlier, b))
+    if not candidates:
+        return None
+    rows = rng.sample(candidates, min(cfg.batch_size, len(candidates)))
+    # the loss is scored from the target's second token, as in the other LM routines
+    return Batch("forgetting_across", [], [t for _, t in rows], [1] * len(rows), False, False, False, rng.getrandbits(63))
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,9 +189,10 @@ def inject(model: MemoryLLM, memory: Tensor, init: Tensor, rows: list[list[int]]
     return update_pool(memory, init, new, count, keep), torch.ones_like(init), new
 
 
-def memory_loss(model: MemoryLLM, batch: Batch, pool: "TrainPool", pad: int) -> tuple[Tensor, int]:
+def memory_loss(model: MemoryLLM, batch: Batch, pool: "TrainPool", pad: int, per_row: bool = False):
     """Mean next-token loss over the batch's scored target tokens, reading memory that the
-    batch's contexts were injected into. Returns (loss, number of scored tokens)."""
+    batch's contexts were injected into. Returns (loss, number of scored tokens); with
+    ``per_row`` (measurements) each row's summed loss [B] and its scored tokens [B] instead."""
     cfg, dev = model.config, model.device
     B = len(batch.targets)
     L, N, d = cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size
@@ -165,10 +212,10 @@ def memory_loss(model: MemoryLLM, batch: Batch, pool: "TrainPool", pad: int) -> 
             raise ValueError("reading only the new tokens needs an initialised pool")
         memory = new  # [B, L, K, d]: the prediction sees bos + the K new memory tokens
 
-    return _scored_loss(model, batch, memory, init, pad)
+    return _scored_loss(model, batch, memory, init, pad, per_row)
 
 
-def _scored_loss(model: MemoryLLM, batch: Batch, memory: Tensor | None, init: Tensor | None, pad: int) -> tuple[Tensor, int]:
+def _scored_loss(model: MemoryLLM, batch: Batch, memory: Tensor | None, init: Tensor | None, pad: int, per_row: bool = False):
     B, dev = len(batch.targets), model.device
     ids, mask = left_pad(batch.targets, pad, dev)
     T = ids.shape[1]
@@ -181,11 +228,14 @@ def _scored_loss(model: MemoryLLM, batch: Batch, memory: Tensor | None, init: Te
     keep = min(keep, T)
     logits = model(ids, mask, memory=memory, initialized=True if init is None else init, logits_to_keep=keep)
     lab = labels[:, T - keep + 1 :].to(dev)
+    if per_row:
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), lab, ignore_index=-100, reduction="none")
+        return nll.sum(1), (lab != -100).sum(1)
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
     return loss, int((lab != -100).sum())
 
 
-def prompt_loss(model: MemoryLLM, batch: Batch, pad: int, prompt: list[list[int]] | None = None) -> tuple[Tensor, int]:
+def prompt_loss(model: MemoryLLM, batch: Batch, pad: int, prompt: list[list[int]] | None = None, per_row: bool = False):
     """The same scored tokens as ``memory_loss`` without memory: the target alone (prompt None,
     the memory-off baseline) or after ``prompt[b]`` in the context window (the base model given
     the context in its prompt)."""
@@ -193,7 +243,7 @@ def prompt_loss(model: MemoryLLM, batch: Batch, pad: int, prompt: list[list[int]
     rows = [p + t for p, t in zip(prompt, batch.targets)]
     starts = [len(p) + s for p, s in zip(prompt, batch.loss_start)]
     plain = Batch(batch.routine, [], rows, starts, False, False, True, batch.seed)
-    return _scored_loss(model, plain, None, None, pad)
+    return _scored_loss(model, plain, None, None, pad, per_row)
 
 
 class RoutineModule(nn.Module):
