@@ -214,6 +214,38 @@ def test_forgetting_across_steps_learns_to_read_the_pool(tmp_path):
     assert sum(on) / len(on) < sum(off) / len(off) - 0.2, (sum(on) / len(on), sum(off) / len(off))
 
 
+def test_validation_on_held_out_batches(tmp_path):
+    """eval_every scores fixed held-out batches (empty pools; process B pairs, continuous at the
+    largest n, QA) at the start, every eval_every steps and at the end, into eval.csv; the
+    numbers equal the mean-reduced loss of the same batches under the weights of that step,
+    and validating changes nothing about the training itself."""
+    from memoryllm.train.routines import validation_batches
+
+    kw = dict(steps=4, batch_size=2, lora_r=2, lr=3e-3, ratio_forgetting=0.0, eval_batches=2, continuous_max_segments=4)
+    data, held = toy_data(0, "ARAA", n=200), toy_data(1, "ARAA", n=50)
+    plain = train(toy_config(tmp_path / "plain", **kw), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
+    cfg = toy_config(tmp_path / "val", eval_every=3, **kw)
+    res = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=data, eval_data=held)
+    assert res["losses"] == plain["losses"]
+    a, b = _params(res["model"]), _params(plain["model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "val" / "run" / "eval.csv").read_text().splitlines()
+    assert rows[0] == "step,set,loss,tokens,seconds"
+    assert [tuple(r.split(",")[:2]) for r in rows[1:]] == [(str(s), n) for s in (0, 3, 4) for n in ("pairs", "continuous", "qa")]
+    sets = validation_batches(cfg, held)
+    assert all(b.routine == "new_knowledge_B" and b.fresh_pool for b in sets["pairs"])
+    assert all(len(b.contexts) == 3 and b.fresh_pool for b in sets["continuous"])  # n = 4 throughout
+    model = res["model"].eval()
+    with torch.no_grad():
+        for name, batches in sets.items():
+            parts = [memory_loss(model, b, res["pool"], 0) for b in batches]
+            ref = sum(loss.item() * n for loss, n in parts) / sum(n for _, n in parts)
+            assert res["validation"][-1][name] == pytest.approx(ref, rel=1e-5)
+    assert res["validation"][0]["qa"] != pytest.approx(res["validation"][-1]["qa"])  # the weights moved
+    with pytest.raises(ValueError, match="needs eval_data"):
+        train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=data)
+
+
 def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -248,8 +280,8 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) ->
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    res = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=toy_data(0, "ARA", n=200))
-    torch.save({"params": _params(res["model"]), "losses": res["losses"], "pool": res["pool"].memory}, f"{out}/rank{rank}.pt")
+    res = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=toy_data(0, "ARA", n=200), eval_data=toy_data(1, "ARA", n=50))
+    torch.save({"params": _params(res["model"]), "losses": res["losses"], "pool": res["pool"].memory, "validation": res["validation"]}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -257,12 +289,13 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) ->
 def test_ddp_two_processes_equal_one_process(tmp_path, across):
     import torch.multiprocessing as mp
 
-    # across: forgetting batches rebuilt from earlier steps' indices must agree between layouts
-    kw = dict(steps=4 if across else 3, batch_size=2, lora_r=2, lr=3e-3, forgetting_across_steps=across)
+    # across: forgetting batches rebuilt from earlier steps' indices must agree between layouts;
+    # validation: each rank scores every other held-out batch, the sums are all-reduced
+    kw = dict(steps=4 if across else 3, batch_size=2, lora_r=2, lr=3e-3, forgetting_across_steps=across, eval_every=2 if across else 0, eval_batches=3)
     mp.spawn(_ddp_worker, args=(2, _free_port(), toy_config(tmp_path / "ddp", **kw), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     # the same global batch on one process: grad_accum = world size
-    single = train(toy_config(tmp_path / "one", grad_accum=2, **kw), model=tiny_model(), tokenizer=make_tokenizer(), data=toy_data(0, "ARA", n=200))
+    single = train(toy_config(tmp_path / "one", grad_accum=2, **kw), model=tiny_model(), tokenizer=make_tokenizer(), data=toy_data(0, "ARA", n=200), eval_data=toy_data(1, "ARA", n=50))
     one = _params(single["model"])
     for k in one:
         assert torch.equal(r0["params"][k], r1["params"][k]), k  # ranks never diverge
@@ -270,6 +303,9 @@ def test_ddp_two_processes_equal_one_process(tmp_path, across):
     assert torch.equal(r0["pool"], r1["pool"])  # every rank writes the same contexts to its pool
     torch.testing.assert_close(r0["pool"], single["pool"].memory, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
+    assert r0["validation"] == r1["validation"] and len(single["validation"]) == (3 if across else 0)
+    for a, b in zip(r0["validation"], single["validation"]):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
 
 
 def test_config_file_overrides_and_errors(tmp_path):

@@ -82,6 +82,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 only on CUDA, with loss scaling)
     seed: int = 0
+    # ---- validation (held-out rows, is_heldout) ----
+    eval_every: int = 0  # every this many steps (and at the start and the end) score fixed held-out batches; 0 = off
+    eval_batches: int = 4  # micro-batches per validation set (pairs, continuous, qa: those the mix trains)
     # ---- engine ----
     out_dir: str = "runs/train"
     device: str = "auto"  # auto: cuda:<local rank> when available, else cpu
@@ -113,6 +116,7 @@ class TrainConfig:
             (self.full_finetune or self.lora_r >= 1, "lora_r must be >= 1 (or full_finetune = true)"),
             (set(self.lora_targets) <= set(LORA_TARGETS), f"lora_targets must be among {LORA_TARGETS}"),
             (self.pool_warmup_contexts >= 1, "pool_warmup_contexts must be >= 1"),
+            (self.eval_every >= 0 and self.eval_batches >= 1, "eval_every must be >= 0 and eval_batches >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -38,10 +38,11 @@ from torch import Tensor, nn
 from ..state import atomic_write
 from .config import ConfigError, TrainConfig
 from .data import TrainData, load_train_data
-from .routines import RoutineModule, TrainPool, build_batch
+from .routines import RoutineModule, TrainPool, build_batch, memory_loss, validation_batches
 
 EXPORT_FORMAT = "memoryllm-trained/1"
 METRICS_FIELDS = ["step", "loss", "routine", "lr", "grad_norm", "tokens", "tokens_per_s", "seconds", "pool_updates"]
+EVAL_FIELDS = ["step", "set", "loss", "tokens", "seconds"]
 # Checkpoint fields that change the shape of what is trained: a resume with other values is refused.
 STRUCTURAL = ("model", "num_tokens", "num_blocks", "lora_r", "lora_alpha", "lora_targets", "full_finetune", "train_embeddings")
 
@@ -252,35 +253,67 @@ def _set_rng_state(s: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class MetricsCSV:
-    """metrics.csv in out_dir; on resume, rows after the resumed step are dropped (they belong to
-    the interrupted run and will be recomputed identically)."""
+def _train_scalars(row: dict) -> dict[str, float]:
+    return {k: float(row[k]) for k in ("loss", "lr", "tokens_per_s")}
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
+
+def _eval_scalars(row: dict) -> dict[str, float]:
+    return {f"eval/{row['set']}": float(row["loss"])}
+
+
+class MetricsCSV:
+    """metrics.csv (or eval.csv) in out_dir; on resume, rows after the resumed step are dropped
+    (they belong to the interrupted run and will be recomputed identically)."""
+
+    def __init__(self, path: Path, resume_step: int, fields: list[str] = METRICS_FIELDS, scalars=_train_scalars):
+        self.path, self.fields, self.scalars = path, fields, scalars
         rows = []
         if resume_step and path.is_file():
             with path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, METRICS_FIELDS)
+            w = csv.DictWriter(f, fields)
             w.writeheader()
             w.writerows(rows)
         self.tb = None
         try:  # TensorBoard only when installed (not a dependency)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"), filename_suffix=f".{path.stem}")
         except Exception:
             self.tb = None
 
     def write(self, row: dict) -> None:
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, METRICS_FIELDS).writerow(row)
+            csv.DictWriter(f, self.fields).writerow(row)
         if self.tb is not None:
-            for k in ("loss", "lr", "tokens_per_s"):
-                self.tb.add_scalar(k, float(row[k]), int(row["step"]))
+            for k, v in self.scalars(row).items():
+                self.tb.add_scalar(k, v, int(row["step"]))
+
+
+@torch.no_grad()
+def validate(model: nn.Module, sets: dict, pool: TrainPool, pad: int, rank: int, world: int, amp) -> dict[str, tuple[float, int, float]]:
+    """{set: (token-weighted loss, scored tokens, seconds)} of the fixed held-out batches; with
+    many processes each scores every world-th batch and the sums are all-reduced."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name, batches in sets.items():
+        t0 = time.perf_counter()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            if i % world == rank:
+                with amp():
+                    sums, counts = memory_loss(model, batch, pool, pad, per_row=True)
+                total += torch.stack([sums.double().sum().cpu(), counts.double().sum().cpu()])
+        if world > 1:
+            total = total.to(next(model.parameters()).device)
+            dist.all_reduce(total)
+            total = total.cpu()
+        out[name] = (float(total[0] / total[1]), int(total[1]), time.perf_counter() - t0)
+    model.train(was_training)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,10 +321,11 @@ class MetricsCSV:
 # --------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, data: TrainData | None = None) -> dict:
+def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, data: TrainData | None = None, eval_data: TrainData | None = None) -> dict:
     """Run (or resume) a training run; returns a summary (losses per step, final state).
 
-    model / tokenizer / data default to what the config names (tests pass tiny ones). The run
+    model / tokenizer / data (and eval_data, the held-out rows validated every ``eval_every``
+    steps) default to what the config names (tests pass tiny ones). The run
     writes nothing to out_dir when checkpoint_every is 0 and export is None, except metrics.csv.
     ``cfg.stop_at``: return after that step (checkpointed) as if interrupted.
     """
@@ -304,6 +338,10 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
         model, tokenizer = load_model(cfg)
     if tokenizer is None:
         raise ValueError("a tokenizer is needed (pass one with the model)")
+    if cfg.eval_every and eval_data is None:
+        if data is not None:
+            raise ValueError("eval_every > 0 with training data passed in needs eval_data (the held-out rows) too")
+        eval_data = load_train_data(cfg, tokenizer, "heldout")
     if data is None:
         data = load_train_data(cfg, tokenizer, "train")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -353,6 +391,20 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
         pool.write(model, contexts, pad)
 
     metrics = MetricsCSV(Path(cfg.out_dir) / "metrics.csv", start) if rank == 0 else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+    val_sets = validation_batches(cfg, eval_data) if cfg.eval_every else {}
+    val_csv = MetricsCSV(Path(cfg.out_dir) / "eval.csv", start, EVAL_FIELDS, _eval_scalars) if rank == 0 and val_sets else None
+    validations: list[dict] = []
+
+    def run_validation(at_step: int) -> None:
+        res = validate(model, val_sets, pool, pad, rank, world, autocast)
+        validations.append({"step": at_step, **{k: v[0] for k, v in res.items()}})
+        if val_csv is not None:
+            for name, (loss, n, sec) in res.items():
+                val_csv.write({"step": at_step, "set": name, "loss": f"{loss:.5f}", "tokens": n, "seconds": f"{sec:.2f}"})
+
+    if val_sets and start == 0:
+        run_validation(0)  # the curve's starting point: the weights before the first step
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm.auto import tqdm
@@ -370,9 +422,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
             index = (step * cfg.grad_accum + m) * world + rank
             batch = build_batch(cfg, data, index, step, cfg.grad_accum * world)
             sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else module.no_sync()
-            amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
             with sync:
-                with amp:
+                with autocast():
                     loss, _ = module(batch, pool)
                 scaler.scale(loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
@@ -408,6 +459,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             out_of_time = bool(flag.item())
         stopping = cfg.stop_at is not None and step + 1 >= cfg.stop_at
+        if val_sets and ((step + 1) % cfg.eval_every == 0 or done or out_of_time):
+            run_validation(step + 1)
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or done or out_of_time or stopping):
             last_ckpt = _checkpoint(cfg, rank, world, step + 1, model, opt, sched, scaler, pool)
         if out_of_time or stopping:
@@ -420,7 +473,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, d
         export_weights(model, cfg, cfg.export, {"steps": end})
     if world > 1:
         dist.barrier()
-    return {"losses": losses, "start_step": start, "end_step": end, "trained": names, "model": model, "pool": pool, "checkpoint": last_ckpt, "seconds": time.perf_counter() - t_start}
+    return {"losses": losses, "validation": validations, "start_step": start, "end_step": end, "trained": names, "model": model, "pool": pool, "checkpoint": last_ckpt, "seconds": time.perf_counter() - t_start}
 
 
 def _checkpoint(cfg, rank, world, step, model, opt, sched, scaler, pool) -> Path:

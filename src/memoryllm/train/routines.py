@@ -21,6 +21,7 @@ index, so a run is the same on one process, on many (DDP), and after a resume.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -120,6 +121,18 @@ def build_batch(cfg, data: TrainData, index: int, step: int, per_step: int | Non
         if batch is not None:
             return batch
     return ROUTINE_FNS[routine](data, rng, cfg, step)
+
+
+def validation_batches(cfg, data: TrainData) -> dict[str, list[Batch]]:
+    """Fixed held-out micro-batches (``data``: the held-out split), the same at every
+    validation and on any number of processes: new-knowledge pairs (process B) and continuous
+    contexts at the schedule's largest n, both injected into an empty pool as the held-out
+    measurement and a new user's memory are, and QA into an empty pool; only the sets whose
+    routine the mix trains. None of them reads the training pool, so the numbers of two steps
+    differ by the weights alone."""
+    fixed = dataclasses.replace(cfg, process_a_prob=0.0, lm_fresh_pool_prob=1.0, qa_fresh_pool=True, continuous_min_segments=cfg.continuous_max_segments)
+    sets = {"pairs": (new_knowledge, cfg.ratio_new_knowledge > 0 and bool(data.docs)), "continuous": (continuous, cfg.ratio_continuous > 0 and bool(data.docs)), "qa": (qa, cfg.ratio_qa > 0 and bool(data.qa))}
+    return {name: [fn(data, random.Random(f"{cfg.seed}:validation:{name}:{i}"), fixed, cfg.continuous_ramp_steps) for i in range(cfg.eval_batches)] for name, (fn, used) in sets.items() if used}
 
 
 def written_context(batch: Batch, b: int) -> tuple[list[int], list[int]] | None:
