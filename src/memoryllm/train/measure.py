@@ -156,7 +156,7 @@ def measure_lm(base, trained, examples: list[list[list[int]]], conditions, batch
 
 
 # (trained condition, its reference): the targets and the memory-off baseline
-LM_COMPARISONS = (("memory_trained", "prompt_last"), ("memory_trained", "none"), ("memory_trained", "none_trained"), ("memory_trained", "memory_base"))
+LM_COMPARISONS = (("memory_trained", "prompt_last"), ("memory_trained", "prompt_all"), ("memory_trained", "none"), ("memory_trained", "none_trained"), ("memory_trained", "memory_base"))
 
 
 def compare_lm(section: dict) -> dict:
