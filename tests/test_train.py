@@ -246,6 +246,29 @@ def test_validation_on_held_out_batches(tmp_path):
         train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=data)
 
 
+def test_qa_training_pool_prob(tmp_path):
+    """qa_training_pool_prob sends that share of QA batches to the evolving training pool
+    instead of an empty one; everything else about the batches, and every batch of a config
+    without it, stays as before."""
+    data = toy_data(0, "AA", n=50)
+    plain, half, always = ([build_batch(toy_config(tmp_path, "qa", qa_training_pool_prob=p), data, i, 0) for i in range(40)] for p in (0.0, 0.5, 1.0))
+    assert all(b.fresh_pool for b in plain) and not any(b.fresh_pool for b in always)
+    assert 5 < sum(not b.fresh_pool for b in half) < 35
+    for batches in (half, always):
+        assert [(b.contexts, b.targets, b.loss_start, b.seed) for b in batches] == [(b.contexts, b.targets, b.loss_start, b.seed) for b in plain]
+    with pytest.raises(ConfigError, match="qa_training_pool_prob"):
+        toy_config(tmp_path, qa_training_pool_prob=-0.1).validate()
+    model = tiny_model(num_tokens=8, num_blocks=2)
+    pools = [TrainPool(model, 0), TrainPool(model, 0)]
+    pools[0].write(model, [data.docs[0][:SEG]], 0)
+    pools[1].write(model, [data.docs[1][:SEG]], 0)
+    with torch.no_grad():
+        for p, same in ((0.0, True), (1.0, False)):
+            batch = build_batch(toy_config(tmp_path, "qa", qa_training_pool_prob=p), data, 0, 0)
+            losses = [memory_loss(model, batch, pool, 0)[0] for pool in pools]
+            assert torch.equal(losses[0], losses[1]) == same
+
+
 def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -65,6 +65,10 @@ class TrainConfig:
     forgetting_across_steps: bool = False
     qa_grad_through_injection: bool = True
     qa_fresh_pool: bool = True  # inject the QA context into an empty pool (as the evaluation does)
+    # share of QA batches (with qa_fresh_pool) whose context goes into the evolving training pool
+    # instead: a question about the latest context in a pool full of older ones (the integrity
+    # evaluation's case, and a long-lived user's memory)
+    qa_training_pool_prob: float = 0.0
     # share of new-knowledge and continuous batches injected into an empty pool instead of the
     # evolving training pool: a new user's memory starts empty (the first context is tiled over
     # it), a case the training pool never shows once it is initialised
@@ -108,6 +112,7 @@ class TrainConfig:
             (min(self.ratios().values()) >= 0 and sum(self.ratios().values()) > 0, "routine ratios must be >= 0 and not all 0"),
             (0.0 <= self.process_a_prob <= 1.0, "process_a_prob must be in [0, 1]"),
             (0.0 <= self.lm_fresh_pool_prob <= 1.0, "lm_fresh_pool_prob must be in [0, 1]"),
+            (0.0 <= self.qa_training_pool_prob <= 1.0, "qa_training_pool_prob must be in [0, 1]"),
             (2 <= self.continuous_min_segments <= self.continuous_max_segments, "need 2 <= continuous_min_segments <= continuous_max_segments"),
             (self.forgetting_max_gap >= 1, "forgetting_max_gap must be >= 1"),
             (not self.forgetting_across_steps or self.ratio_forgetting == 0 or (self.integrity_contexts >= 1 and self.ratio_new_knowledge + self.ratio_continuous > 0),

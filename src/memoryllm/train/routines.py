@@ -99,7 +99,10 @@ def qa(data: TrainData, rng: random.Random, cfg, step: int) -> Batch:
     if not data.qa:
         raise ValueError("ratio_qa > 0 but there are no QA training rows (qa_data)")
     rows = [data.qa[rng.randrange(len(data.qa))] for _ in range(cfg.batch_size)]
-    return Batch("qa", [[r.context for r in rows]], [r.prompt + r.answer for r in rows], [len(r.prompt) for r in rows], cfg.qa_grad_through_injection, False, cfg.qa_fresh_pool, rng.getrandbits(63))
+    seed = rng.getrandbits(63)
+    # drawn last, and only when enabled, so a config without it samples the same batches
+    fresh = cfg.qa_fresh_pool and not (cfg.qa_training_pool_prob > 0 and rng.random() < cfg.qa_training_pool_prob)
+    return Batch("qa", [[r.context for r in rows]], [r.prompt + r.answer for r in rows], [len(r.prompt) for r in rows], cfg.qa_grad_through_injection, False, fresh, seed)
 
 
 ROUTINE_FNS = {"new_knowledge": new_knowledge, "continuous": continuous, "forgetting": forgetting, "qa": qa}
