@@ -117,6 +117,18 @@ def test_grad_flows_through_injection_only_in_process_a(tmp_path):
         assert (g is not None and bool(g.abs().sum() > 0)) == through
 
 
+@torch.no_grad()
+def _reads_training_pool(batch, data: TrainData) -> bool:
+    """Whether the batch's loss depends on the training pool: two pools holding different
+    documents give different losses."""
+    model = tiny_model(num_tokens=8, num_blocks=2)
+    pools = [TrainPool(model, 0), TrainPool(model, 0)]
+    pools[0].write(model, [data.docs[0][:SEG]], 0)
+    pools[1].write(model, [data.docs[1][:SEG]], 0)
+    losses = [memory_loss(model, batch, pool, 0)[0] for pool in pools]
+    return not torch.equal(losses[0], losses[1])
+
+
 def test_lm_fresh_pool_prob(tmp_path):
     """lm_fresh_pool_prob sends that share of new-knowledge / continuous batches to an empty
     pool: those read nothing of the training pool; everything else about the batches, and every
@@ -130,15 +142,8 @@ def test_lm_fresh_pool_prob(tmp_path):
             assert [(b.routine, b.contexts, b.targets, b.seed) for b in batches] == [(b.routine, b.contexts, b.targets, b.seed) for b in plain]
     with pytest.raises(ConfigError, match="lm_fresh_pool_prob"):
         toy_config(tmp_path, lm_fresh_pool_prob=1.5).validate()
-    model = tiny_model(num_tokens=8, num_blocks=2)
-    pools = [TrainPool(model, 0), TrainPool(model, 0)]
-    pools[0].write(model, [data.docs[0][:SEG]], 0)
-    pools[1].write(model, [data.docs[1][:SEG]], 0)
-    with torch.no_grad():
-        for p, same in ((1.0, True), (0.0, False)):
-            batch = build_batch(toy_config(tmp_path, "new_knowledge", process_a_prob=0.0, lm_fresh_pool_prob=p), data, 0, 0)
-            losses = [memory_loss(model, batch, pool, 0)[0] for pool in pools]
-            assert torch.equal(losses[0], losses[1]) == same
+    for p, reads in ((1.0, False), (0.0, True)):
+        assert _reads_training_pool(build_batch(toy_config(tmp_path, "new_knowledge", process_a_prob=0.0, lm_fresh_pool_prob=p), data, 0, 0), data) == reads
 
 
 def _random_docs(seed: int, n: int, length: int) -> TrainData:
@@ -258,15 +263,8 @@ def test_qa_training_pool_prob(tmp_path):
         assert [(b.contexts, b.targets, b.loss_start, b.seed) for b in batches] == [(b.contexts, b.targets, b.loss_start, b.seed) for b in plain]
     with pytest.raises(ConfigError, match="qa_training_pool_prob"):
         toy_config(tmp_path, qa_training_pool_prob=-0.1).validate()
-    model = tiny_model(num_tokens=8, num_blocks=2)
-    pools = [TrainPool(model, 0), TrainPool(model, 0)]
-    pools[0].write(model, [data.docs[0][:SEG]], 0)
-    pools[1].write(model, [data.docs[1][:SEG]], 0)
-    with torch.no_grad():
-        for p, same in ((0.0, True), (1.0, False)):
-            batch = build_batch(toy_config(tmp_path, "qa", qa_training_pool_prob=p), data, 0, 0)
-            losses = [memory_loss(model, batch, pool, 0)[0] for pool in pools]
-            assert torch.equal(losses[0], losses[1]) == same
+    for p, reads in ((0.0, False), (1.0, True)):
+        assert _reads_training_pool(build_batch(toy_config(tmp_path, "qa", qa_training_pool_prob=p), data, 0, 0), data) == reads
 
 
 def _params(model) -> dict[str, torch.Tensor]:

@@ -136,15 +136,20 @@ def _token_mean(rows: Sequence[tuple[float, int]], idx: Sequence[int]) -> float:
     return sum(rows[i][0] for i in idx) / sum(rows[i][1] for i in idx)
 
 
+def _bootstrap(n: int, statistic, n_boot: int, seed: int) -> tuple[float, float]:
+    """Percentile 95% interval of statistic(indices) over n_boot resamples of n examples."""
+    rng = random.Random(seed)
+    stats = sorted(statistic([rng.randrange(n) for _ in range(n)]) for _ in range(n_boot))
+    return stats[int(math.floor(0.025 * (n_boot - 1)))], stats[int(math.ceil(0.975 * (n_boot - 1)))]
+
+
 def token_mean_ci(rows: Sequence[tuple[float, int]], *, n_boot: int = 1000, seed: int = 0) -> dict:
     """The token-weighted mean loss of examples given as (summed loss, tokens), with a percentile
     bootstrap 95% interval that resamples whole examples (their tokens are not independent)."""
     n = len(rows)
     if n == 0:
         return {"mean": float("nan"), "n": 0, "ci95": [float("nan"), float("nan")], "ci": "bootstrap over examples"}
-    rng = random.Random(seed)
-    boots = sorted(_token_mean(rows, [rng.randrange(n) for _ in range(n)]) for _ in range(n_boot))
-    lo, hi = boots[int(math.floor(0.025 * (n_boot - 1)))], boots[int(math.ceil(0.975 * (n_boot - 1)))]
+    lo, hi = _bootstrap(n, lambda idx: _token_mean(rows, idx), n_boot, seed)
     return {"mean": _token_mean(rows, range(n)), "n": n, "ci95": [lo, hi], "ci": "bootstrap over examples"}
 
 
@@ -156,13 +161,13 @@ def paired_loss_difference(a: Sequence[tuple[float, int]], b: Sequence[tuple[flo
     if len(a) != len(b) or not a:
         raise ValueError(f"a paired difference needs the same non-empty examples in both conditions (got {len(a)} and {len(b)})")
     n = len(a)
-    rng = random.Random(seed)
-    diffs = []
-    for _ in range(n_boot):
-        idx = [rng.randrange(n) for _ in range(n)]
+    diffs: list[float] = []
+
+    def diff(idx: Sequence[int]) -> float:
         diffs.append(_token_mean(a, idx) - _token_mean(b, idx))
-    diffs.sort()
-    lo, hi = diffs[int(math.floor(0.025 * (n_boot - 1)))], diffs[int(math.ceil(0.975 * (n_boot - 1)))]
+        return diffs[-1]
+
+    lo, hi = _bootstrap(n, diff, n_boot, seed)
     below = sum(d < 0 for d in diffs) / n_boot
     return {"difference": _token_mean(a, range(n)) - _token_mean(b, range(n)), "n": n, "ci95": [lo, hi], "share_of_resamples_below_zero": below, "ci": "paired bootstrap over examples"}
 
