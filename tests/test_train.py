@@ -343,6 +343,9 @@ def test_config_file_overrides_and_errors(tmp_path):
         TrainConfig.load(None, ["steps"])
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig.load(None, ["precision=fp8"])
+    for bad in (["eval_every=-1"], ["eval_batches=0"], ["qa_training_pool_prob=2"]):
+        with pytest.raises(ConfigError, match=bad[0].split("=")[0]):
+            TrainConfig.load(None, bad)
     (tmp_path / "bad.toml").write_text("lr = [\n")
     with pytest.raises(ConfigError, match="bad.toml"):
         TrainConfig.load(tmp_path / "bad.toml")
