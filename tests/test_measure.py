@@ -1,4 +1,4 @@
-"""The held-out language-modelling measurement (memoryllm.train.measure): per-example losses
+"""The held-out language-modelling measurement (latentmem.train.measure): per-example losses
 against one-row runs and a plain log-softmax computation, and the paired comparison of two
 conditions against a slow bootstrap written out here."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import tiny_lm
-from memoryllm.eval import metrics as M
-from memoryllm.train.measure import compare_lm, measure_lm
-from memoryllm.train.routines import Batch, TrainPool, memory_loss, prompt_loss
+from latentmem.eval import metrics as M
+from latentmem.train.measure import compare_lm, measure_lm
+from latentmem.train.routines import Batch, TrainPool, memory_loss, prompt_loss
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memoryllm.service import GenerateBatcher, KeyStore, ServiceSettings, create_app
-from memoryllm.store import MemoryStore
+from latentmem.service import GenerateBatcher, KeyStore, ServiceSettings, create_app
+from latentmem.store import MemoryStore
 
 torch.set_num_threads(1)
 
@@ -40,7 +40,7 @@ def env(tmp_path):
 def test_health_metrics_openapi_need_no_key(env):
     c = env[0]
     assert c.get("/health").json()["status"] == "ok"
-    assert "memoryllm_uptime_seconds" in c.get("/metrics").text
+    assert "latentmem_uptime_seconds" in c.get("/metrics").text
     paths = c.get("/openapi.json").json()["paths"]
     assert {"/v1/memories", "/v1/memories/{name}/inject", "/v1/memories/{name}/generate", "/v1/memories/{name}/forget"} <= set(paths)
 
@@ -203,7 +203,7 @@ def test_generations_for_different_users_are_batched(env):
     assert out == [200] * 4
     metrics = c.get("/metrics").text
     value = lambda name: float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name)))
-    assert value("memoryllm_generate_batched_rows_total") == 4 and value("memoryllm_generate_batches_total") < 4
+    assert value("latentmem_generate_batched_rows_total") == 4 and value("latentmem_generate_batches_total") < 4
 
 
 class LoopbackServer:
@@ -301,7 +301,7 @@ def test_fuzzed_request_bodies_never_cause_a_server_error(env):
 
 
 def test_keys_command_line(tmp_path, capsys):
-    from memoryllm.cli import main
+    from latentmem.cli import main
 
     data = str(tmp_path / "d")
     assert main(["keys", "create", "--data", data, "--tenant", "acme", "--label", "ci"]) == 0
@@ -323,15 +323,15 @@ def test_keys_command_line(tmp_path, capsys):
 def test_verify_command_line(tmp_path, capsys, monkeypatch):
     import sqlite3
 
-    import memoryllm.lm
-    from memoryllm.cli import main
+    import latentmem.lm
+    from latentmem.cli import main
 
     data = tmp_path / "d"
     with MemoryStore(data, tiny_lm()) as store:
         store.create("a", seed=1, tenant="acme")
         store.inject("a", CORPUS[:2], tenant="acme")
         store.create("b", seed=2, tenant="globex")
-    monkeypatch.setattr(memoryllm.lm, "load", lambda *a, **k: tiny_lm())
+    monkeypatch.setattr(latentmem.lm, "load", lambda *a, **k: tiny_lm())
     assert main(["verify", "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "acme/a: ok: 2 injections replayed" in out and "globex/b: ok" in out

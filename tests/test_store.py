@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import CORPUS, tiny_lm
 
-from memoryllm.lm import InjectionError
-from memoryllm.state import NEVER_WRITTEN, MemoryState
-from memoryllm.store import AlreadyExists, InvalidName, MemoryStore, NotFound, NotReplayable, StoreBusy, StoreError, text_sha256
+from latentmem.lm import InjectionError
+from latentmem.state import NEVER_WRITTEN, MemoryState
+from latentmem.store import AlreadyExists, InvalidName, MemoryStore, NotFound, NotReplayable, StoreBusy, StoreError, text_sha256
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shared CPU
 

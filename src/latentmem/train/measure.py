@@ -1,6 +1,6 @@
 """Measure a trained MemoryLLM on held-out rows (``is_heldout``), against its untrained base.
 
-    python -m memoryllm.train.measure --weights runs/train_default/default_memoryllm.safetensors \
+    python -m latentmem.train.measure --weights runs/train_default/default_memoryllm.safetensors \
         --qa-rows 200 --lm-pairs 100 --out results/training/metrics.json
 
 Recall (counterfactual_qa: the answer exists only in the row's context), per row the answer's
@@ -58,7 +58,7 @@ def load_lms(weights: str | None, num_tokens: int, num_blocks: int, need_trained
         if weights is not None:
             model2.applied_weights = apply_trained_weights(model2, weights)
         if model2.applied_weights is None:
-            raise SystemExit("no trained weights: pass --weights or ship src/memoryllm/assets/default_memoryllm.safetensors")
+            raise SystemExit("no trained weights: pass --weights or ship src/latentmem/assets/default_memoryllm.safetensors")
         trained = MemoryLM(model2, tok, name="SmolLM2-135M-Instruct (trained memory)")
     return base, trained
 
@@ -174,7 +174,7 @@ def compare_lm(section: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m memoryllm.train.measure", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m latentmem.train.measure", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/train_default.toml", help="the training config (shape, data, segment lengths)")
     p.add_argument("--weights", default=None, help="trained weights (default: the shipped ones)")
     p.add_argument("--qa-rows", type=int, default=200)
@@ -208,8 +208,8 @@ def main(argv=None) -> int:
     if trained is not None:
         info["trained"] = model_info(trained)
     result.setdefault("models", {}).update(info)
-    result["split"] = f"held-out rows: memoryllm.eval.data.is_heldout(id) (sha256 of the id, {HELDOUT_PERCENT}%)"
-    result.setdefault("commands", []).append(" ".join(["python -m memoryllm.train.measure", *(argv if argv is not None else sys.argv[1:])]))
+    result["split"] = f"held-out rows: latentmem.eval.data.is_heldout(id) (sha256 of the id, {HELDOUT_PERCENT}%)"
+    result.setdefault("commands", []).append(" ".join(["python -m latentmem.train.measure", *(argv if argv is not None else sys.argv[1:])]))
 
     def save():
         write_json(out, result)

@@ -1,6 +1,6 @@
 """The library API: a MemoryLLM model plus its tokenizer, with text in and text out.
 
-    lm = memoryllm.load()                     # the embedded SmolLM2-135M default
+    lm = latentmem.load()                     # the embedded SmolLM2-135M default
     mem = lm.new_memory(seed=0)
     lm.inject(mem, "The Eiffel Tower was painted green in 2031 ...")
     print(lm.generate(mem, "What colour is the Eiffel Tower?").text)

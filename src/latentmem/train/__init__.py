@@ -1,7 +1,7 @@
 """Training MemoryLLM: the paper's routines (section 3.2, appendix B.1) plus a QA routine,
 LoRA adapters, one engine for one process or many (torchrun / DDP).
 
-    from memoryllm.train import TrainConfig, train
+    from latentmem.train import TrainConfig, train
     train(TrainConfig.load("configs/train_default.toml", ["steps=100"]))
 """
 

@@ -2,7 +2,7 @@
 gloo on CPU, nccl on CUDA) with the same command.
 
     memoryllm train --config configs/train_default.toml steps=200
-    torchrun --nproc-per-node 2 -m memoryllm train --config configs/train_default.toml
+    torchrun --nproc-per-node 2 -m latentmem train --config configs/train_default.toml
 
 A step is ``grad_accum`` micro-batches per process; micro-batch ``(step * grad_accum + m) *
 world + rank`` is built from that global index alone (routines.build_batch), so a run is the

@@ -186,7 +186,7 @@ class Metrics:
         lines = []
         with self._lock:
             items = sorted(self.counters.items())
-        for name, value in [("memoryllm_uptime_seconds", time.time() - self.started), *gauges.items()]:
+        for name, value in [("latentmem_uptime_seconds", time.time() - self.started), *gauges.items()]:
             lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
         typed = set()
         for (name, labels), value in items:
@@ -266,7 +266,7 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
     settings = settings or ServiceSettings()
     keys = keys or KeyStore(store.dir)
     metrics = Metrics()
-    batcher = GenerateBatcher(store.lm, settings.max_batch, settings.batch_wait_ms / 1000, on_batch=lambda n: (metrics.inc("memoryllm_generate_batches_total"), metrics.inc("memoryllm_generate_batched_rows_total", n)))
+    batcher = GenerateBatcher(store.lm, settings.max_batch, settings.batch_wait_ms / 1000, on_batch=lambda n: (metrics.inc("latentmem_generate_batches_total"), metrics.inc("latentmem_generate_batched_rows_total", n)))
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -340,8 +340,8 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        metrics.inc("memoryllm_requests_total", method=request.method, route=path, status=response.status_code)
-        metrics.inc("memoryllm_request_seconds_total", time.perf_counter() - t0, method=request.method, route=path)
+        metrics.inc("latentmem_requests_total", method=request.method, route=path, status=response.status_code)
+        metrics.inc("latentmem_request_seconds_total", time.perf_counter() - t0, method=request.method, route=path)
         return response
 
     @app.get("/health")
@@ -350,7 +350,7 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def get_metrics():
-        return metrics.render({"memoryllm_batch_max": settings.max_batch})
+        return metrics.render({"latentmem_batch_max": settings.max_batch})
 
     @app.post("/v1/memories", status_code=201)
     def create_memory(req: CreateMemory, t: str = Depends(tenant)):
@@ -375,7 +375,7 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
     def inject(req: InjectRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
         texts = req.texts if req.texts is not None else [req.text]
         entries = store.inject(name, texts, source=req.source, store_text=req.store_text, allow_short=req.allow_short, tenant=t)
-        metrics.inc("memoryllm_injections_total", len(entries))
+        metrics.inc("latentmem_injections_total", len(entries))
         return {"injections": [e.to_dict(include_text=False) for e in entries]}
 
     @app.post("/v1/memories/{name}/generate")
@@ -395,7 +395,7 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
             g = await asyncio.wrap_future(batcher.submit(state, req.prompt, **req.sampling()))
         except ValueError as e:
             raise HTTPException(422, str(e)) from e
-        metrics.inc("memoryllm_generated_tokens_total", len(g.token_ids))
+        metrics.inc("latentmem_generated_tokens_total", len(g.token_ids))
         return {"text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids)}
 
     @app.get("/v1/memories/{name}/ledger")

@@ -6,7 +6,7 @@ blank lines), a ``.parquet`` file, or a folder saved with Hugging Face ``dataset
 (``Dataset.save_to_disk``). Text rows use the field ``text`` (else ``content``); QA rows
 ``question`` / ``context`` / ``answer``.
 
-Rows whose id is held out (``memoryllm.eval.data.is_heldout``) are never trained on; the
+Rows whose id is held out (``latentmem.eval.data.is_heldout``) are never trained on; the
 evaluation of the trained model uses exactly those rows.
 """
 

@@ -592,11 +592,13 @@ def _convert_once(target: Path, convert: Callable[[Path], None]) -> Path:
 
 
 def cache_root() -> Path:
-    """$MEMORYLLM_CACHE, else $XDG_CACHE_HOME/memoryllm, else ~/.cache/memoryllm."""
-    if os.environ.get("MEMORYLLM_CACHE"):
-        return Path(os.environ["MEMORYLLM_CACHE"]).expanduser()
+    """$LATENTMEM_CACHE (or the older $MEMORYLLM_CACHE), else $XDG_CACHE_HOME/latentmem, else
+    ~/.cache/latentmem."""
+    for var in ("LATENTMEM_CACHE", "MEMORYLLM_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "memoryllm"
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "latentmem"
 
 
 def default_model_dir() -> Path:
@@ -623,7 +625,7 @@ def _load_gguf_reference() -> tuple[Any, Any]:
     """transformers' LlamaForCausalLM and tokenizer straight from the GGUF (de-quantised, fp32)."""
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"converting the default model needs {module}: pip install 'memoryllm[default-model]'", name=module)
+            raise ModuleNotFoundError(f"converting the default model needs {module}: pip install 'latentmem[default-model]'", name=module)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -741,7 +743,7 @@ def _attach_adapters(model: MemoryLLM, loras: dict[str, dict[str, dict[str, Tens
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:  # the train extra
-        raise CheckpointError("weights with separate write/read adapters need peft: pip install 'memoryllm[train]'") from e
+        raise CheckpointError("weights with separate write/read adapters need peft: pip install 'latentmem[train]'") from e
     targets = sorted({m.rsplit(".", 1)[-1] for m in next(iter(loras.values()))})
     for adapter, per in loras.items():
         for module, ab in per.items():

@@ -1,4 +1,4 @@
-"""Command line: a thin shell over the library API (memoryllm.lm).
+"""Command line: a thin shell over the library API (latentmem.lm).
 
     memoryllm inject "Some text to remember ..."      # or --file notes.txt
     memoryllm ask "What did I tell you about ...?"

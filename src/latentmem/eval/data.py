@@ -43,7 +43,7 @@ def data_dir() -> Path:
     env = os.environ.get("MEMORYLLM_DATA")
     if env:
         return Path(env)
-    root = Path(__file__).resolve().parents[3]  # src/memoryllm/eval -> project root
+    root = Path(__file__).resolve().parents[3]  # src/latentmem/eval -> project root
     for cand in (root.parent / "shared" / "data", root / "shared" / "data"):
         if cand.is_dir():
             return cand

@@ -1,6 +1,6 @@
 """Evaluations of MemoryLLM as in the paper (sections 4.3-4.6), each writing JSON and a PNG.
 
-    from memoryllm.eval import run
+    from latentmem.eval import run
     run("retention", dataset="counterfactual_qa", rows=50, steps=20)
     run("integrity", max_updates=1_000_000, workdir="runs/integrity")   # resumable
     run("editing", edits=100)
@@ -8,7 +8,7 @@
     run("longbench", data=["hotpotqa.jsonl"])                          # local LongBench files
     run("longbench-score", predictions=["pred/hotpotqa.jsonl"])
 
-Every task takes ``lm=`` (a loaded ``memoryllm.lm.MemoryLM``) or ``model=`` (a folder; None =
+Every task takes ``lm=`` (a loaded ``latentmem.lm.MemoryLM``) or ``model=`` (a folder; None =
 the embedded default) plus ``num_tokens`` / ``num_blocks``; ``out=`` a folder or .json path
 (default results/eval); ``seed=``; ``threads=``. Command line: ``memoryllm eval <task> --help``.
 """

@@ -1,6 +1,6 @@
 """Markdown tables from results JSON files (used to write docs/results.md).
 
-    python -m memoryllm.eval.report results/eval > tables.md
+    python -m latentmem.eval.report results/eval > tables.md
 """
 
 from __future__ import annotations
