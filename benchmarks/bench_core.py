@@ -81,7 +81,7 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 # (a) injection time vs N
 # ---------------------------------------------------------------------------------------------
 def bench_inject(sizes: list[int], k: int, context: int, repeats: int) -> None:
-    from latentmem.lm import load
+    from latentmem.memoryllm import load
 
     # One model per N, timed round-robin (N1, N2, ..., N1, N2, ...) so a burst of load from other
     # processes hits every size alike instead of skewing one of them.
@@ -133,7 +133,7 @@ def bench_decode(sizes: list[int], new_tokens: int, repeats: int) -> None:
     from transformers import DynamicCache, LlamaForCausalLM
 
     from latentmem.generate import SamplingParams, decode
-    from latentmem.lm import load
+    from latentmem.memoryllm import load
     from latentmem.loading import default_model_dir
 
     hf = LlamaForCausalLM.from_pretrained(default_model_dir(), torch_dtype=torch.float32).eval()
@@ -180,7 +180,7 @@ def bench_decode(sizes: list[int], new_tokens: int, repeats: int) -> None:
 # (c) answer time: T tokens in memory vs T tokens in the prompt
 # ---------------------------------------------------------------------------------------------
 def bench_answer(lengths: list[int], new_tokens: int) -> None:
-    from latentmem.lm import load
+    from latentmem.memoryllm import load
 
     lm = load()  # the default memory shape (K=128, N=2048)
     rows = []
@@ -209,7 +209,7 @@ def bench_answer(lengths: list[int], new_tokens: int) -> None:
 # (d) peak RSS in a fresh process
 # ---------------------------------------------------------------------------------------------
 def rss_probe(n: int, k: int, new_tokens: int) -> None:
-    from latentmem.lm import load
+    from latentmem.memoryllm import load
 
     lm = load(num_tokens=k, num_blocks=n // k)
     cfg = lm.config
@@ -250,8 +250,8 @@ def bench_rss(sizes: list[int], k: int) -> None:
 # ---------------------------------------------------------------------------------------------
 def bench_adapters(n: int, new_tokens: int, repeats: int) -> None:
     from latentmem.generate import SamplingParams, decode
-    from latentmem.lm import load
-    from latentmem.loading import _attach_adapters
+    from latentmem.memoryllm import load
+    from latentmem.lora import attach_adapters as _attach_adapters
 
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     text = " ".join(map(str, range(400)))
@@ -298,7 +298,7 @@ def main() -> None:
     if args.rss_probe == 0:  # the interpreter + torch + transformers + memoryllm, nothing loaded
         import transformers  # noqa: F401
 
-        import latentmem.lm  # noqa: F401
+        import latentmem.memoryllm  # noqa: F401
 
         return print(peak_rss())
     if args.rss_probe is not None:

@@ -88,7 +88,7 @@ def metric(text: str, name: str) -> float:
 
 
 def run_config(args, scenario: str, inject_share: float, max_batch: int, texts: list[str]) -> dict:
-    from latentmem.service import KeyStore
+    from latentmem.store.service import KeyStore
 
     data = tempfile.mkdtemp(prefix="bench_service_", dir=args.workdir)
     keys = KeyStore(data)

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from latentmem import MemoryLLM, MemoryLLMConfig
+from latentmem.memoryllm import MemoryLLM, MemoryLLMConfig
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -84,7 +84,7 @@ def tiny_model(seed: int = 0, **overrides) -> MemoryLLM:
 
 
 def tiny_lm(seed: int = 0, **overrides):
-    from latentmem.lm import MemoryLM
+    from latentmem.memoryllm.lm import MemoryLM
 
     return MemoryLM(tiny_model(seed, **overrides), make_tokenizer(), name="tiny")
 

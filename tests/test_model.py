@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import hf_twin, make_tokenizer, ref_keep, ref_logits, ref_new_memory, ref_position_factor, tiny_model
 
-from latentmem.model import tile_to, update_pool
+from latentmem.memoryllm.model import tile_to, update_pool
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shared CPU (300x slower)
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from latentmem.service import GenerateBatcher, KeyStore, ServiceSettings, create_app
+from latentmem.store.service import GenerateBatcher, KeyStore, ServiceSettings, create_app
 from latentmem.store import MemoryStore
 
 torch.set_num_threads(1)
@@ -323,7 +323,7 @@ def test_keys_command_line(tmp_path, capsys):
 def test_verify_command_line(tmp_path, capsys, monkeypatch):
     import sqlite3
 
-    import latentmem.lm
+    import latentmem
     from latentmem.cli import main
 
     data = tmp_path / "d"
@@ -331,7 +331,7 @@ def test_verify_command_line(tmp_path, capsys, monkeypatch):
         store.create("a", seed=1, tenant="acme")
         store.inject("a", CORPUS[:2], tenant="acme")
         store.create("b", seed=2, tenant="globex")
-    monkeypatch.setattr(latentmem.lm, "load", lambda *a, **k: tiny_lm())
+    monkeypatch.setattr(latentmem, "load", lambda *a, **k: tiny_lm())
     assert main(["verify", "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "acme/a: ok: 2 injections replayed" in out and "globex/b: ok" in out

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import CORPUS, tiny_lm
 
-from latentmem.lm import InjectionError
-from latentmem.state import NEVER_WRITTEN, MemoryState
-from latentmem.store import AlreadyExists, InvalidName, MemoryStore, NotFound, NotReplayable, StoreBusy, StoreError, text_sha256
+from latentmem.memoryllm.lm import InjectionError
+from latentmem.memoryllm.state import NEVER_WRITTEN, MemoryState
+from latentmem.store import AlreadyExists, InvalidName, MemoryStore, NotFound, NotReplayable, StoreBusy, StoreError
+from latentmem.store.store import text_sha256
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shared CPU
 

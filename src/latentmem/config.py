@@ -1,8 +1,8 @@
-"""One typed config: the Llama-family base model fields plus the memory pool's shape and policies.
+"""The Llama-family base model's fields, shared by every memory design's typed config.
 
-Field names follow Hugging Face's ``LlamaConfig`` and the published MemoryLLM ``config.json``
-(``num_tokens``, ``num_blocks``, ``add_bos_embedding``, ``drop_memory_per_layer``), so a config
-round-trips through either format.
+Field names follow Hugging Face's ``LlamaConfig`` (and Mistral's, Qwen2's), so a config dict
+round-trips. Each design's config (``MemoryLLMConfig``, ...) extends ``BackboneConfig`` with its own
+memory fields; ``from_dict`` reads an HF config.json (or a design's own) into any of them.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Self
 
-PositionScaling = Literal["none", "interpolate", "linear"]
 
 
 @dataclass
-class MemoryLLMConfig:
+class BackboneConfig:
     # ---- base model (Llama family: Llama 2/3, SmolLM2, Mistral, Qwen2) ----
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -39,25 +38,12 @@ class MemoryLLMConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
-
-    # ---- memory pool ----
-    num_tokens: int = 256  # K: memory tokens written per update
-    num_blocks: int = 10  # N = num_blocks * num_tokens
-    add_bos_embedding: bool = True
-    drop_memory_per_layer: bool = False  # 8B release: independent drop indices per layer
-    # How memory positions are kept inside the base model's trained range:
-    # "interpolate" (7B release): positions *= max_position_embeddings / ((num_blocks + 1) * num_tokens)
-    # "linear" (8B release): positions /= (N + max_input_tokens) / max_position_embeddings
-    position_scaling: PositionScaling = "none"
-    max_input_tokens: int = 2048  # the input budget the "linear" scaling reserves after memory
-    min_inject_tokens: int = 16  # the releases warn that shorter contexts disturb memory
-    max_inject_tokens: int = 512  # chunk limit: longer text is split and injected in order
-
-    # LoRA settings of a published checkpoint (kept for round-tripping; see loading.py)
-    add_decoder_lora: bool = False
-    lora_config: dict[str, Any] | None = None
-    model_type: str = "memoryllm"
+    model_type: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # written as model_type / architectures by to_dict (a design's config overrides them)
+    model_type_name: ClassVar[str] = "llama"
+    architectures_name: ClassVar[tuple[str, ...]] = ("LlamaForCausalLM",)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -69,34 +55,15 @@ class MemoryLLMConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.num_tokens < 1 or self.num_blocks < 1:
-            raise ValueError(f"num_tokens and num_blocks must be >= 1, got {self.num_tokens}, {self.num_blocks}")
-        if self.position_scaling not in ("none", "interpolate", "linear"):
-            raise ValueError(f"position_scaling must be none, interpolate or linear, got {self.position_scaling!r}")
         if self.hidden_act not in ("silu", "swish"):
             raise ValueError(f"only SiLU-gated MLPs (Llama family) are supported, got hidden_act={self.hidden_act!r}")
 
-    # ---- derived sizes ----
-    @property
-    def num_memory_tokens(self) -> int:
-        """N: memory tokens per layer."""
-        return self.num_tokens * self.num_blocks
-
-    @property
-    def position_factor(self) -> float:
-        """Multiplier applied to every RoPE position (bos, memory and input alike)."""
-        if self.position_scaling == "interpolate":
-            return min(1.0, self.max_position_embeddings / ((self.num_blocks + 1) * self.num_tokens))
-        if self.position_scaling == "linear":
-            return min(1.0, self.max_position_embeddings / (self.num_memory_tokens + self.max_input_tokens))
-        return 1.0
-
-    def replace(self, **changes: Any) -> "MemoryLLMConfig":
+    def replace(self, **changes: Any) -> Self:
         return dataclasses.replace(self, **changes)
 
     # ---- (de)serialisation ----
     @classmethod
-    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> "MemoryLLMConfig":
+    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> Self:
         """Build from an HF Llama/Mistral/Qwen2 config dict or a published MemoryLLM config."""
         d = {**d, **overrides}
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -114,30 +81,23 @@ class MemoryLLMConfig:
             rs = dict(kwargs["rope_scaling"])
             rs.setdefault("rope_type", rs.get("type", "default"))
             kwargs["rope_scaling"] = None if rs["rope_type"] == "default" else rs
-        kwargs["model_type"] = "memoryllm"
-        kwargs.pop("num_memory_tokens", None)
+        kwargs["model_type"] = cls.model_type_name
         extra = {k: v for k, v in d.items() if k not in known and k not in ("rope_parameters",)}
         return cls(**kwargs, extra=extra)
 
+    def derived_fields(self) -> dict[str, Any]:
+        """Derived values written beside the fields (and ignored when read back)."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d["num_memory_tokens"] = self.num_memory_tokens
-        d["architectures"] = ["MemoryLLM"]
+        d.update(self.derived_fields())
+        d["architectures"] = list(self.architectures_name)
         return d
 
     @classmethod
-    def from_json(cls, path: str | Path, **overrides: Any) -> "MemoryLLMConfig":
+    def from_json(cls, path: str | Path, **overrides: Any) -> Self:
         return cls.from_dict(json.loads(Path(path).read_text()), **overrides)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What a saved memory state must agree with to be loaded into this model."""
-        return {
-            "num_hidden_layers": self.num_hidden_layers,
-            "hidden_size": self.hidden_size,
-            "num_tokens": self.num_tokens,
-            "num_blocks": self.num_blocks,
-            "vocab_size": self.vocab_size,
-        }

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .model import KV, KVCache, MemoryLLM
+from torch import nn
+
+from .backbone import KV, KVCache
 
 
 @dataclass
@@ -59,7 +61,7 @@ def sample_next(logits: Tensor, p: SamplingParams, generator: torch.Generator | 
 
 @torch.inference_mode()
 def decode(
-    model: MemoryLLM,
+    model: nn.Module,
     prefix: KV | None,
     input_ids: Tensor,
     attention_mask: Tensor | None,

@@ -8,22 +8,21 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-PLAIN_QA = "Question: {question} Answer:"
-
+from ..files import atomic_write
+from ..text import PLAIN_QA, format_prompt  # noqa: F401  (re-exported for the tasks)
 
 def get_lm(options: dict):
     """The MemoryLM named by options: ``lm`` (an object), else ``model`` (a folder or None for
     the embedded default) with optional ``num_tokens`` / ``num_blocks``."""
     if options.get("lm") is not None:
         return options["lm"]
-    from ..lm import load
+    from .. import load
 
     # An untrained default has a randomly initialised bos_embedding: seed torch so that every
     # evaluation (and a resumed integrity run) sees the same model.
@@ -41,8 +40,8 @@ def get_lm(options: dict):
         kw["trained"] = False
     if weights is None:
         return load(options.get("model"), **kw)
-    from ..lm import MemoryLM
-    from ..loading import apply_trained_weights, load_default, trained_shape
+    from ..memoryllm.checkpoint import apply_trained_weights, load_default, trained_shape
+    from ..memoryllm.lm import MemoryLM
 
     shape = trained_shape(Path(weights))  # the memory shape the weights were trained with, unless given
     model, tokenizer = load_default(**{**shape, **kw})
@@ -78,64 +77,10 @@ def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(), "argv": " ".join(sys.argv)}
 
 
-def format_prompt(lm, text: str, style: str) -> str:
-    """``plain``: the text as is; ``chat``: the tokenizer's chat template; ``auto``: chat when the
-    tokenizer has a template."""
-    if style == "plain":
-        return text
-    has = getattr(lm.tokenizer, "chat_template", None) is not None
-    if style == "chat" or (style == "auto" and has):
-        return lm.chat_prompt(text, True)
-    if style == "auto":
-        return text
-    raise ValueError(f"prompt style must be plain, chat or auto, got {style!r}")
-
-
 def generate(lm, memories: Sequence, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy answers; prompts are already formatted (no chat template is applied here)."""
     gens = lm.generate_batch(list(memories), list(prompts), chat=False, max_new_tokens=max_new_tokens, temperature=0.0)
     return [g.text for g in gens]
-
-
-@torch.inference_mode()
-def answer_logprobs(lm, memories: Sequence, prompts: Sequence[str], answers: Sequence[str], *, prefix_kv=None) -> list[tuple[float, int]]:
-    """Teacher-forced log P(answer | memory, prompt) per row: (sum of token log-probs, token count).
-
-    The answer is tokenised as it continues the prompt (``encode(prompt + " " + answer)`` minus
-    the prompt's tokens, falling back to encoding " answer" alone when tokenisation merges across
-    the boundary). Rows are left-padded and read their own pool's memory in one forward pass.
-    """
-    model = lm.model
-    seqs, spans = [], []
-    for p, a in zip(prompts, answers):
-        p_ids = lm.encode(p)
-        sep = "" if p.endswith((" ", "\n")) else " "
-        full = lm.encode(p + sep + a)
-        if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
-            a_ids = full[len(p_ids) :]
-        else:
-            a_ids = lm.encode(sep + a)
-        if not a_ids:
-            raise ValueError(f"answer {a!r} encodes to no tokens")
-        seqs.append(p_ids + a_ids)
-        spans.append(len(a_ids))
-    T = max(map(len, seqs))
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s) :] = torch.tensor(s)
-        mask[b, T - len(s) :] = True
-    kv = prefix_kv if prefix_kv is not None else lm.prefix(list(memories))
-    dev = model.device
-    logits = model(ids.to(dev), None if bool(mask.all()) else mask.to(dev), memory=kv)
-    logp = torch.log_softmax(logits.float(), -1)
-    out = []
-    for b, n in enumerate(spans):
-        tgt = ids[b, T - n :].to(dev)
-        lp = logp[b, T - n - 1 : T - 1].gather(-1, tgt[:, None]).sum().item()
-        out.append((lp, n))
-    return out
 
 
 def cut_tokens(lm, text: str, n_tokens: int) -> str | None:
@@ -181,22 +126,7 @@ def filler_pool(lm, texts: Sequence[str], n_tokens: int, count: int, seed: int) 
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), mode=0o644)  # results are meant to be read by others
 
 
 def _json_default(o):

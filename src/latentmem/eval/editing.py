@@ -28,7 +28,7 @@ import sys
 import torch
 
 from . import metrics
-from .common import Timer, answer_logprobs, environment, generate, get_lm, finish, model_info, set_threads
+from .common import Timer, environment, generate, get_lm, finish, model_info, set_threads
 from .data import build_edits, load_facts
 
 ALL_METHODS = ("no_edit", "memoryllm", "memoryllm_sequence", "ike", "ft_l", "ft_l_sequence")
@@ -81,9 +81,8 @@ def _evaluate(lm, items: list[tuple[object, str, dict]], batch_size: int, max_ne
         mems = [r[5] for r in chunk]
         prompts = [r[2] for r in chunk]
         gens = generate(lm, mems, prompts, max_new_tokens)
-        kv = lm.prefix(mems)
-        lw = answer_logprobs(lm, mems, prompts, [r[3] for r in chunk], prefix_kv=kv)
-        lc = answer_logprobs(lm, mems, prompts, [r[4] for r in chunk], prefix_kv=kv)
+        lw = lm.score(mems, prompts, [r[3] for r in chunk])  # memory keys cached per version: computed once
+        lc = lm.score(mems, prompts, [r[4] for r in chunk])
         for r, g, (a, na), (b, nb) in zip(chunk, gens, lw, lc):
             out[r[0]][r[1]].append((bool(metrics.hit(g, r[3])), bool(a / na > b / nb)))
     return out

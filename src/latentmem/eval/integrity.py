@@ -30,7 +30,8 @@ import torch
 from . import metrics
 from .common import Timer, environment, generate, get_lm, finish, model_info, set_threads, write_json
 from .data import load_qa, eval_rows_only
-from .retention import default_max_answer_tokens, qa_prompt
+from ..text import qa_prompt
+from .retention import default_max_answer_tokens
 
 PROGRESS = "progress.json"
 

@@ -41,7 +41,8 @@ INSTRUCTION = "Answer the question based on the given passages. Only give me the
 LONGBENCH_MAX_NEW = {"narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32, "2wikimqa": 32, "musique": 32, "dureader": 128}
 
 
-def qa_prompt(lm, context: str, question: str, style: str) -> str:
+def longqa_prompt(lm, context: str, question: str, style: str) -> str:
+    """The long-context QA prompt: an instruction, the passages, the instruction again, the question."""
     body = f"{INSTRUCTION}\n\nThe following are given passages.\n{context}\n\n{INSTRUCTION}\n\nQuestion: {question}\nAnswer:"
     return format_prompt(lm, body, style)
 
@@ -122,7 +123,7 @@ def answer(lm, method: str, docs: list[str], questions: list[str], *, window: in
             for r in range(rounds):  # chunk r of every document in one forward pass
                 live = [(p, c[r]) for p, c in pools if r < len(c)]
                 lm.inject([p for p, _ in live], [c for _, c in live], allow_short=True, progress=False)
-            prompts = [qa_prompt(lm, lc, questions[i], prompt) for lc, i in zip(last_chunks, part)]
+            prompts = [longqa_prompt(lm, lc, questions[i], prompt) for lc, i in zip(last_chunks, part)]
             preds = generate(lm, [p for p, _ in pools], prompts, max_new_tokens)
             sec = t() / len(prompts)
             for pred, pr, (pool, c) in zip(preds, prompts, pools):
@@ -134,13 +135,13 @@ def answer(lm, method: str, docs: list[str], questions: list[str], *, window: in
         if method == "full":
             ctx = doc
         elif method == "truncated":
-            overhead = len(lm.encode(qa_prompt(lm, "", q, prompt)))
+            overhead = len(lm.encode(longqa_prompt(lm, "", q, prompt)))
             ctx = truncate_middle(lm, doc, max(16, window - overhead - max_new_tokens))
         elif method == "bm25":
             ctx = bm25_select(lm, doc, q, bm25_tokens, bm25_chunk_tokens)
         else:
             raise ValueError(f"unknown long-context method {method!r}; choose from {', '.join(ALL_METHODS)}")
-        pr = qa_prompt(lm, ctx, q, prompt)
+        pr = longqa_prompt(lm, ctx, q, prompt)
         pred = generate(lm, [None], [pr], max_new_tokens)[0]
         n = len(lm.encode(pr))
         out.append({"pred": pred, "seconds": t(), "prompt_tokens": n, "state_bytes": _kv_bytes(lm, n + max_new_tokens), "beyond_window": n + max_new_tokens > lm.config.max_position_embeddings})

@@ -17,15 +17,9 @@ import sys
 from pathlib import Path
 
 from . import metrics
-from .common import Timer, answer_logprobs, environment, filler_pool, format_prompt, generate, get_lm, finish, model_info, set_threads
+from .common import Timer, environment, filler_pool, generate, get_lm, finish, model_info, set_threads
 from .data import load_qa, load_texts, eval_rows_only
-
-
-def qa_prompt(lm, question: str, style: str, context: str | None = None) -> str:
-    """The paper's "Question: ... Answer:" (plain) or a chat turn asking for a brief answer."""
-    if style == "plain":
-        return (f"Context: {context}\n" if context else "") + f"Question: {question} Answer:"
-    return format_prompt(lm, (f"{context}\n\n" if context else "") + f"Answer briefly: {question}", style)
+from ..text import qa_prompt
 
 
 def default_max_answer_tokens(dataset: str) -> int:
@@ -90,7 +84,7 @@ def run_retention(
 
     def score(memories, idx):
         gens = generate(lm, memories, [q_prompts[i] for i in idx], max_new_tokens)
-        lps = answer_logprobs(lm, memories, [q_prompts[i] for i in idx], [answers[i] for i in idx])
+        lps = lm.score(memories, [q_prompts[i] for i in idx], [answers[i] for i in idx])
         return gens, lps
 
     # references: no context, and the context in the prompt (no memory)
@@ -103,7 +97,7 @@ def run_retention(
         if context_in_prompt:
             cps = [qa_prompt(lm, data[i]["question"], prompt, data[i]["context"]) for i in idx]
             gens = generate(lm, [None] * len(idx), cps, max_new_tokens)
-            lps = answer_logprobs(lm, [None] * len(idx), cps, [answers[i] for i in idx])
+            lps = lm.score([None] * len(idx), cps, [answers[i] for i in idx])
             ctx_hits += [metrics.hit(g, data[i]["answers"]) for g, i in zip(gens, idx)]
             ctx_lp += [lp / n for lp, n in lps]
     _log(f"references done ({clock():.0f} s): no-context hit {sum(base_hits)}/{len(data)}", progress)

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..eval.common import PLAIN_QA
+from ..text import PLAIN_QA
 from ..eval.data import DataError, _answers, is_heldout, read_jsonl, resolve
 
 MIN_CONTEXT_TOKENS = 16  # the releases warn that shorter contexts disturb the memory

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..state import atomic_write
+from ..files import atomic_write
 from .config import ConfigError, TrainConfig
 from .data import TrainData, load_train_data
 from .routines import RoutineModule, TrainPool, build_batch, memory_loss, validation_batches
@@ -54,7 +54,7 @@ STRUCTURAL = ("model", "num_tokens", "num_blocks", "lora_r", "lora_alpha", "lora
 
 def load_model(cfg: TrainConfig):
     """(model, tokenizer) named by the config, memory shape num_tokens x num_blocks."""
-    from .. import loading
+    from ..memoryllm import checkpoint as loading
 
     if cfg.model is None:
         return loading.load_default(num_tokens=cfg.num_tokens, num_blocks=cfg.num_blocks, trained=cfg.trained_start)
@@ -104,7 +104,7 @@ def init_from_export(model: nn.Module, cfg: TrainConfig) -> None:
     checked before the first copy."""
     from safetensors import safe_open
 
-    from .. import loading
+    from ..memoryllm import checkpoint as loading
 
     path = loading.SHIPPED_WEIGHTS if cfg.init_from == "default" else Path(cfg.init_from)
     if not Path(path).is_file():
@@ -168,8 +168,7 @@ def export_weights(model: nn.Module, cfg: TrainConfig, path: str | Path, extra_m
         **{k: str(v) for k, v in (extra_meta or {}).items()},
     }
     path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    os.chmod(path, 0o644)  # the temp file was private (mkstemp); this one is meant to be shipped
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), mode=0o644)  # meant to be shipped
     return path
 
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from ..eval import metrics
-from ..eval.common import answer_logprobs, generate, model_info, write_json
+from ..eval.common import generate, model_info, write_json
 from ..eval.data import HELDOUT_PERCENT, is_heldout, load_qa
-from ..eval.retention import qa_prompt
+from ..text import qa_prompt
 from .config import TrainConfig
 from .data import load_train_data
 from .routines import Batch, TrainPool, memory_loss, prompt_loss
@@ -47,8 +47,8 @@ LM_CONDITIONS = ("none", "memory_base", "memory_trained", "prompt_last", "prompt
 
 
 def load_lms(weights: str | None, num_tokens: int, num_blocks: int, need_trained: bool):
-    from ..lm import MemoryLM
-    from ..loading import apply_trained_weights, load_default
+    from ..memoryllm.checkpoint import apply_trained_weights, load_default
+    from ..memoryllm.lm import MemoryLM
 
     model, tok = load_default(num_tokens=num_tokens, num_blocks=num_blocks, trained=False)
     base = MemoryLM(model, tok, name="SmolLM2-135M-Instruct (untrained memory)")
@@ -107,7 +107,7 @@ def measure_qa(base, trained, rows: list[dict], conditions, batch: int, log, don
                 memories = [lm.new_memory(seed=i) for i in range(len(part))]
                 lm.inject(memories, [r["context"] for r in part])
             out = generate(lm, memories, prompts, 10)
-            lp = answer_logprobs(lm, memories, prompts, [r["answer"] for r in part])
+            lp = lm.score(memories, prompts, [r["answer"] for r in part])
             gens += out
             hits += [metrics.hit(g, r["answers"]) for g, r in zip(out, part)]
             lps += [a / n for a, n in lp]

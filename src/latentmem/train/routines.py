@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import MemoryLLM, update_pool
+from ..memoryllm.model import MemoryLLM, update_pool
+from ..memoryllm.state import draw_keep
+from ..text import left_pad
 from .data import TrainData
 
 
@@ -176,22 +178,6 @@ def forgetting_across_steps(cfg, data: TrainData, rng: random.Random, index: int
 # --------------------------------------------------------------------------------------------
 # Running a Batch
 # --------------------------------------------------------------------------------------------
-
-
-def left_pad(rows: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[b, T - len(r) :] = True
-    return ids.to(device), mask.to(device)
-
-
-def draw_keep(gen: torch.Generator, num_layers: int, n: int, drop: int, per_layer: bool) -> Tensor:
-    """Sorted survivor indices, the same rule as MemoryState.draw_keep_indices."""
-    rows = [torch.randperm(n, generator=gen)[: n - drop].sort().values for _ in range(num_layers if per_layer else 1)]
-    return torch.stack(rows)
 
 
 def inject(model: MemoryLLM, memory: Tensor, init: Tensor, rows: list[list[int]], gen: torch.Generator, pad: int) -> tuple[Tensor, Tensor, Tensor]:

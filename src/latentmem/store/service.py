@@ -260,8 +260,8 @@ def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: Servi
     from pydantic import BaseModel, ConfigDict, Field, model_validator
     from starlette.background import BackgroundTask
 
-    from .lm import InjectionError
-    from .state import MemoryStateError
+    from ..api import InjectionError
+    from ..api import MemoryFormatError as MemoryStateError
 
     settings = settings or ServiceSettings()
     keys = keys or KeyStore(store.dir)
@@ -523,7 +523,7 @@ def cmd_verify(args) -> int:
     """Exit status 0 when every memory checked is consistent with its ledger, 1 otherwise."""
     import torch
 
-    from .lm import load
+    from .. import load
 
     lm = load(args.model, dtype=getattr(torch, args.dtype))
     bad = 0
@@ -541,7 +541,7 @@ def cmd_serve(args) -> int:
     import torch
     import uvicorn
 
-    from .lm import load
+    from .. import load
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,5 @@
-"""The library API: a MemoryLLM model plus its tokenizer, with text in and text out.
+"""MemoryLLM behind the shared interface (``latentmem.api.MemoryModel``): the model plus its
+tokenizer, with text in and text out.
 
     lm = latentmem.load()                     # the embedded SmolLM2-135M default
     mem = lm.new_memory(seed=0)
@@ -14,47 +15,21 @@ Every function also takes lists, so B users' pools are written or read in one fo
 from __future__ import annotations
 
 import hashlib
-import math
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .generate import SamplingParams, TextStream, decode
-from .model import KV, MemoryLLM
-from .state import MemoryState, MemoryStateError
-
-
-class InjectionError(ValueError):
-    """Text that cannot be written into memory (empty, too short, not text)."""
-
-
-@dataclass
-class InjectResult:
-    injection_id: int
-    num_tokens: int
-    num_chunks: int
-    seconds: float
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    prefill_seconds: float  # includes computing memory keys/values when not cached
-    decode_seconds: float
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
-
-    @property
-    def tokens_per_second(self) -> float:
-        n = max(len(self.token_ids) - 1, 0)
-        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
-
-    def __str__(self) -> str:
-        return self.text
+from ..api import ForgetResult, Generation, InjectionError, InjectResult, MemoryInfo
+from ..backbone import KV
+from ..generate import SamplingParams, TextStream, decode
+from ..text import chunk_ids, left_pad, pad_token_id
+from .model import MemoryLLM
+from .state import NEVER_WRITTEN, MemoryState, MemoryStateError
 
 
 @dataclass
@@ -85,6 +60,13 @@ def model_fingerprint(model: MemoryLLM) -> str:
 
 
 class MemoryLM:
+    """MemoryLLM's implementation of ``latentmem.api.MemoryModel``."""
+
+    design: ClassVar[str] = "memoryllm"
+    # forget() resets the injection's slots, but later injections read those slots while they
+    # were written, so traces may remain in theirs: exactness needs a replay (the store's job)
+    forget_exact: ClassVar[bool] = False
+
     def __init__(self, model: MemoryLLM, tokenizer, name: str = "model"):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -131,11 +113,7 @@ class MemoryLM:
     # ---- writing (self-update) ----
     def chunk(self, ids: list[int]) -> list[list[int]]:
         """Split into near-equal chunks of at most max_inject_tokens (so no tiny last chunk)."""
-        limit = self.config.max_inject_tokens
-        n = max(1, math.ceil(len(ids) / limit))
-        size, extra = divmod(len(ids), n)  # the first `extra` chunks get one token more
-        bounds = [i * size + min(i, extra) for i in range(n + 1)]
-        return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+        return chunk_ids(ids, self.config.max_inject_tokens)
 
     def _tokens_for_injection(self, text: str, allow_short: bool) -> list[int]:
         if not isinstance(text, str):
@@ -206,13 +184,7 @@ class MemoryLM:
         (returned) as soon as it is made, so a failure part-way through a round is undone too."""
         undo = [] if undo is None else undo
         cfg, dev = self.config, self.model.device
-        T = max(map(len, chunk_ids))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(states), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(states), T, dtype=torch.bool)
-        for b, ids in enumerate(chunk_ids):  # left padding
-            input_ids[b, T - len(ids) :] = torch.tensor(ids)
-            mask[b, T - len(ids) :] = True
+        input_ids, mask = left_pad(chunk_ids, pad_token_id(self.tokenizer))
         init = torch.tensor([s.initialized for s in states])
         tails = torch.stack([s.tail(cfg.num_tokens) for s in states])
         new_tokens, count = self.model.new_memory_tokens(tails, init.to(dev), input_ids.to(dev), mask.to(dev))
@@ -278,13 +250,7 @@ class MemoryLM:
         if any(len(e) == 0 for e in encoded):
             raise ValueError("prompt is empty")
         dev = self.model.device
-        T = max(map(len, encoded))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(encoded), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(encoded), T, dtype=torch.bool)
-        for b, e in enumerate(encoded):
-            input_ids[b, T - len(e) :] = torch.tensor(e)
-            mask[b, T - len(e) :] = True
+        input_ids, mask = left_pad(encoded, pad_token_id(self.tokenizer))
         eos = self.config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -326,10 +292,142 @@ class MemoryLM:
             yield Generation(t.text, t.ids, len(encoded[b]), t_first - t0, t_end - t_first, finish[b])
 
 
+    # ---- scoring ----
+    @torch.inference_mode()
+    def score(self, memories: Sequence[MemoryState | None], prompts: Sequence[str], answers: Sequence[str]) -> list[tuple[float, int]]:
+        """Teacher-forced log P(answer | memory, prompt) per row: (sum of token log-probs, token count).
+
+        The answer is tokenised as it continues the prompt (``encode(prompt + " " + answer)`` minus
+        the prompt's tokens, falling back to encoding " answer" alone when tokenisation merges across
+        the boundary). Rows are left-padded and read their own pool's memory in one forward pass.
+        """
+        if not len(memories) == len(prompts) == len(answers):
+            raise ValueError(f"{len(memories)} memories, {len(prompts)} prompts and {len(answers)} answers")
+        for s in memories:
+            if s is not None:
+                self._check_state(s)
+        seqs, spans = [], []
+        for p, a in zip(prompts, answers):
+            p_ids = self.encode(p)
+            sep = "" if p.endswith((" ", "\n")) else " "
+            full = self.encode(p + sep + a)
+            if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
+                a_ids = full[len(p_ids) :]
+            else:
+                a_ids = self.encode(sep + a)
+            if not a_ids:
+                raise ValueError(f"answer {a!r} encodes to no tokens")
+            seqs.append(p_ids + a_ids)
+            spans.append(len(a_ids))
+        ids, mask = left_pad(seqs, pad_token_id(self.tokenizer))
+        T, dev = ids.shape[1], self.model.device
+        logits = self.model(ids.to(dev), None if bool(mask.all()) else mask.to(dev), memory=self.prefix(list(memories)))
+        logp = torch.log_softmax(logits.float(), -1)
+        out = []
+        for b, n in enumerate(spans):
+            tgt = ids[b, T - n :].to(dev)
+            out.append((logp[b, T - n - 1 : T - 1].gather(-1, tgt[:, None]).sum().item(), n))
+        return out
+
+    # ---- forgetting, attribution, comparison ----
+    def forget(self, memory: MemoryState, injection_id: int) -> ForgetResult:
+        """Reset every slot written by ``injection_id`` in place (zeroed, marked never written);
+        a pool left with no written slot is empty again (the next injection tiles it). Not
+        exact: later injections read those slots while they were written."""
+        self._check_state(memory)
+        mask = memory.provenance == injection_id
+        removed = int(mask.sum())
+        if memory.shares_tensors:  # a shallow clone's tensors: copy before writing
+            memory.memory, memory.provenance, memory.shares_tensors = memory.memory.clone(), memory.provenance.clone(), False
+        memory.memory[mask.to(memory.memory.device)] = 0
+        memory.provenance[mask] = NEVER_WRITTEN
+        if bool((memory.provenance == NEVER_WRITTEN).all()):
+            memory.initialized = False
+        memory.version += 1
+        memory.cache = None
+        later = int((memory.provenance > injection_id).sum())
+        note = f"{later} slots of later injections were written while it was in memory and may hold traces of it" if later else ""
+        return ForgetResult(int(injection_id), exact=False, removed_units=removed, note=note)
+
+    def owners(self, memory: MemoryState) -> Tensor:
+        """[L, N] injection id of each memory slot in logical order (-1: never written)."""
+        return memory.logical_provenance()
+
+    def differences(self, a: MemoryState, b: MemoryState) -> list[str]:
+        """What differs between two memories (empty when bit-identical in everything that
+        determines future behaviour), for ``verify``: a replay against the live pool."""
+        out = []
+        ma, mb = a.logical_memory().cpu(), b.logical_memory().cpu()
+        if ma.shape != mb.shape:
+            return [f"shape {tuple(ma.shape)} vs replay {tuple(mb.shape)}"]
+        rows = (ma != mb).any(-1)
+        if rows.any():
+            out.append(f"memory: {int(rows.sum())} slots differ (per layer {rows.sum(1).tolist()})")
+        if not torch.equal(a.logical_provenance(), b.logical_provenance()):
+            out.append("slot provenance differs")
+        if not torch.equal(a.generator.get_state(), b.generator.get_state()):
+            out.append("drop generator state differs")
+        for f in ("initialized", "update_count", "last_injection_id", "model_id"):
+            if getattr(a, f) != getattr(b, f):
+                out.append(f"{f}: live {getattr(a, f)!r} vs replay {getattr(b, f)!r}")
+        return out
+
+    def diff(self, a: MemoryState, b: MemoryState) -> dict:
+        """Which slots differ between two memories, per layer, and which injections wrote them:
+        ``added`` = in b, not in a; ``removed`` the reverse. Slots are compared as a multiset of
+        (vector, provenance) rows per layer, since an update moves the logical positions of the
+        tokens it keeps."""
+        ma, mb = a.logical_memory().cpu(), b.logical_memory().cpu()
+        pa, pb = a.logical_provenance(), b.logical_provenance()
+        layers, added, removed = [], Counter(), Counter()
+        for layer in range(ma.shape[0]):
+            ra = Counter(zip(map(bytes, ma[layer].contiguous().view(torch.uint8).numpy()), pa[layer].tolist()))
+            rb = Counter(zip(map(bytes, mb[layer].contiguous().view(torch.uint8).numpy()), pb[layer].tolist()))
+            plus, minus = rb - ra, ra - rb
+            layers.append({"layer": layer, "added": sum(plus.values()), "removed": sum(minus.values())})
+            for (_, prov), n in plus.items():
+                added[prov] += n
+            for (_, prov), n in minus.items():
+                removed[prov] += n
+        return {
+            "changed_units": sum(x["added"] for x in layers),
+            "layers": layers,
+            "added_by_injection": {int(k): v for k, v in sorted(added.items())},  # -1: reset / never written
+            "removed_by_injection": {int(k): v for k, v in sorted(removed.items())},
+        }
+
+    def info(self, memory: MemoryState | None = None) -> MemoryInfo:
+        """Capacity and sizes; with a memory, also what it holds."""
+        c = self.config
+        mem = memory
+        used = int((mem.provenance != NEVER_WRITTEN).any(0).sum()) if mem is not None else 0
+        nbytes = (mem.memory.numel() * mem.memory.element_size() + (mem.provenance.numel() + mem.order.numel()) * 8) if mem is not None else 0
+        params = sum(p.numel() for p in self.model.parameters())
+        details = {
+            "layers": c.num_hidden_layers,
+            "hidden_size": c.hidden_size,
+            "N": c.num_memory_tokens,
+            "K": c.num_tokens,
+            "num_blocks": c.num_blocks,
+            "min_inject_tokens": c.min_inject_tokens,
+            "max_inject_tokens": c.max_inject_tokens,
+            "parameters": params,
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "device": str(self.model.device),
+            "initialized": bool(mem.initialized) if mem is not None else False,
+        }
+        return MemoryInfo(
+            design=self.design, model=self.name, model_id=self.model_id, unit="memory slot",
+            capacity_units=c.num_memory_tokens, used_units=used, memory_bytes=nbytes,
+            update_count=mem.update_count if mem is not None else 0,
+            last_injection_id=mem.last_injection_id if mem is not None else 0, details=details,
+        )
+
+
 def load(path=None, **kwargs) -> MemoryLM:
     """A MemoryLM from a local folder (HF Llama-family model or MemoryLLM checkpoint), or the
     embedded SmolLM2-135M default when path is None."""
-    from . import loading
+    from . import checkpoint
 
-    model, tokenizer = loading.load(path, **kwargs)
+    model, tokenizer = checkpoint.load(path, **kwargs)
     return MemoryLM(model, tokenizer, name=str(path) if path else "SmolLM2-135M-Instruct (embedded default)")

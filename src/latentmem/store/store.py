@@ -42,15 +42,16 @@ import threading
 import time
 import uuid
 import zipfile
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 
-from .state import NEVER_WRITTEN, MemoryState, MemoryStateError, atomic_write
+from ..api import Memory as MemoryState  # any design's memory object
+from ..api import MemoryFormatError as MemoryStateError
+from ..files import atomic_write, fsync_dir
 
 # Names are identifiers, never paths: letters, digits, '_', '-', '.', not starting with '.' or '-'.
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -275,11 +276,7 @@ class MemoryStore:
         d = self._pool_dir(pool_id)
         d.mkdir(parents=True, exist_ok=True)
         os.replace(staged, d / staged.name)
-        fd = os.open(d, os.O_RDONLY)  # the rename must be on disk before the commit that names it
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(d)  # the rename must be on disk before the commit that names it
         return staged.name
 
     def _load_state(self, pool_id: int, file: str) -> MemoryState:
@@ -590,31 +587,12 @@ class MemoryStore:
         return SnapshotInfo(label, snap["created_at"], snap["seq"], ids)
 
     def diff(self, name: str, a: str | None = None, b: str | None = None, *, tenant: str = "") -> dict:
-        """Which slots differ between two versions (snapshot labels; None = live), per layer, and
-        which injections wrote them (slot provenance): ``added`` = in b, not in a; ``removed``
-        the reverse. Slots are compared as a multiset of (vector, provenance) rows per layer,
-        since an update moves the logical positions of the tokens it keeps."""
+        """What differs between two versions (snapshot labels; None = live) and which injections
+        wrote it: the design's ``diff`` (for MemoryLLM: slots per layer, added = in b, not in a)."""
         pool = self._pool(name, tenant)
         sa, sb = (self._load_state(pool["id"], self._snapshot_row(pool, x)["state_file"] if x else pool["state_file"]) for x in (a, b))
-        ma, mb = sa.logical_memory().cpu(), sb.logical_memory().cpu()
-        pa, pb = sa.logical_provenance(), sb.logical_provenance()
-        layers, added, removed = [], Counter(), Counter()
-        for layer in range(ma.shape[0]):
-            ra = Counter(zip(map(bytes, ma[layer].contiguous().view(torch.uint8).numpy()), pa[layer].tolist()))
-            rb = Counter(zip(map(bytes, mb[layer].contiguous().view(torch.uint8).numpy()), pb[layer].tolist()))
-            plus, minus = rb - ra, ra - rb
-            layers.append({"layer": layer, "added": sum(plus.values()), "removed": sum(minus.values())})
-            for (_, prov), n in plus.items():
-                added[prov] += n
-            for (_, prov), n in minus.items():
-                removed[prov] += n
-        return {
-            "from": a or "live", "to": b or "live",
-            "changed_slots": sum(x["added"] for x in layers),
-            "layers": layers,
-            "added_by_injection": {int(k): v for k, v in sorted(added.items())},  # -1: reset / never written
-            "removed_by_injection": {int(k): v for k, v in sorted(removed.items())},
-        }
+        d = self.lm.diff(sa, sb)
+        return {"from": a or "live", "to": b or "live", "changed_slots": d.pop("changed_units"), **d}
 
     # ------------------------------------------------------------------ replay and verify
     def _replay(self, pool_id: int, base_file: str, rows: Sequence[sqlite3.Row], skip: int | None = None) -> tuple[MemoryState, int]:
@@ -646,7 +624,7 @@ class MemoryStore:
                 rebuilt, n = self._replay(pool["id"], pool["base_file"], rows)
             except (MemoryStateError, NotReplayable) as e:
                 return VerifyReport(False, 0, pool["base_seq"], pool["base_reason"], f"cannot replay: {e}", [str(e)])
-        bad += _state_differences(live, rebuilt)
+        bad += self.lm.differences(live, rebuilt)
         ok = not bad
         msg = f"{'ok' if ok else 'MISMATCH'}: {n} injections replayed; {base_note}"
         return VerifyReport(ok, n, pool["base_seq"], pool["base_reason"], msg, bad)
@@ -675,9 +653,10 @@ class MemoryStore:
             doomed = [s["label"] for s in snaps if injection_id in json.loads(s["injections"])]
             was_live = target["status"] == "live"
             live = self._load_state(pool["id"], pool["state_file"])
-            slots = int((live.provenance == injection_id).sum())
+            slots = int((self.lm.owners(live) == injection_id).sum())
             new_state, base, replayed = None, {}, 0
-            if was_live and mode == "exact":
+            # a design whose own forget is exact needs no replay; otherwise "exact" replays the rest
+            if was_live and mode == "exact" and not self.lm.forget_exact:
                 if target["seq"] <= pool["base_seq"]:
                     raise NotReplayable(
                         f"exact forget of injection {injection_id} needs a replay from before it, but replay starts at seq "
@@ -685,7 +664,8 @@ class MemoryStore:
                     )
                 new_state, replayed = self._replay(pool["id"], pool["base_file"], self._live_rows(pool["id"], pool["base_seq"]), skip=injection_id)
             elif was_live:
-                new_state = reset_slots(live, injection_id)
+                new_state = live.clone()
+                self.lm.forget(new_state, injection_id)
             file = self._write_state(pool["id"], new_state) if new_state is not None else None
             now = time.time()
             with self._db_lock, self._db:
@@ -695,7 +675,7 @@ class MemoryStore:
                 )
                 seq = self._event(pool, "forget", now, injection_id=injection_id, detail=json.dumps({"mode": mode, "snapshots_deleted": doomed}))
                 if file is not None:
-                    if mode == "fast":  # the reset state cannot be recomputed from texts: replay starts here
+                    if mode == "fast" and not self.lm.forget_exact:  # not recomputable from texts: replay starts here
                         base = {"base_file": file, "base_seq": seq, "base_reason": f"injection {injection_id} was forgotten (fast)"}
                     sets = {"state_file": file, **base}
                     self._db.execute(f"UPDATE pools SET {','.join(f'{k}=?' for k in sets)} WHERE id=?", (*sets.values(), pool["id"]))
@@ -791,39 +771,6 @@ def _removing(*paths: Path):
     finally:
         for p in paths:
             p.unlink(missing_ok=True)
-
-
-def reset_slots(state: MemoryState, injection_id: int) -> MemoryState:
-    """A copy of `state` with every slot written by `injection_id` zeroed and marked never
-    written; a pool left with no written slot is empty again (the next injection tiles it)."""
-    out = state.clone()
-    mask = out.provenance == injection_id
-    out.memory[mask.to(out.memory.device)] = 0
-    out.provenance[mask] = NEVER_WRITTEN
-    if bool((out.provenance == NEVER_WRITTEN).all()):
-        out.initialized = False
-    out.version += 1
-    out.cache = None
-    return out
-
-
-def _state_differences(live: MemoryState, rebuilt: MemoryState) -> list[str]:
-    out = []
-    lm_, rm_ = live.logical_memory().cpu(), rebuilt.logical_memory().cpu()
-    if lm_.shape != rm_.shape:
-        return [f"shape {tuple(lm_.shape)} vs replay {tuple(rm_.shape)}"]
-    rows = (lm_ != rm_).any(-1)
-    if rows.any():
-        per_layer = rows.sum(1).tolist()
-        out.append(f"memory: {int(rows.sum())} slots differ (per layer {per_layer})")
-    if not torch.equal(live.logical_provenance(), rebuilt.logical_provenance()):
-        out.append("slot provenance differs")
-    if not torch.equal(live.generator.get_state(), rebuilt.generator.get_state()):
-        out.append("drop generator state differs")
-    for f in ("initialized", "update_count", "last_injection_id", "model_id"):
-        if getattr(live, f) != getattr(rebuilt, f):
-            out.append(f"{f}: live {getattr(live, f)!r} vs replay {getattr(rebuilt, f)!r}")
-    return out
 
 
 def _entry(r: sqlite3.Row, include_text: bool = True) -> LedgerEntry:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +18,32 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..api import MemoryFormatError
+from ..files import atomic_write
+
 FORMAT = "memoryllm-state/1"
 NEVER_WRITTEN = -1
 
 
-class MemoryStateError(ValueError):
-    """A memory state file or object that cannot be used with this model."""
+# the shared error type under the name this design has always used
+MemoryStateError = MemoryFormatError
+
+
+def draw_keep(generator: torch.Generator, num_layers: int, n: int, drop: int, per_layer: bool) -> Tensor:
+    """The drop rule (paper section 3.1.2): which N - drop of n old tokens survive an update,
+    uniformly at random, as sorted indices [L, n - drop] (a draw per layer, the 8B release's
+    drop_memory_per_layer) or [1, n - drop] (one draw shared by every layer). The one
+    implementation, used by the library's pools and by training alike."""
+    rows = [torch.randperm(n, generator=generator)[: n - drop].sort().values for _ in range(num_layers if per_layer else 1)]
+    return torch.stack(rows)
+
+
+def tile_to(rows: Tensor, n: int) -> Tensor:
+    """[L, k, ...] -> [L, n, ...]: repeat whole copies, then the last n % k rows (the releases' rule)."""
+    k = rows.shape[1]
+    reps, rem = divmod(n, k)
+    parts = [rows] * reps + ([rows[:, k - rem :]] if rem else [])
+    return torch.cat(parts, dim=1)
 
 
 @dataclass
@@ -92,10 +111,8 @@ class MemoryState:
         self.cache = None
 
     def draw_keep_indices(self, num_layers: int, drop: int, per_layer: bool) -> Tensor:
-        """Sorted indices of the N - drop survivors: [L, N-drop] per layer, or [1, N-drop] shared."""
-        n = self.memory.shape[1]
-        rows = [torch.randperm(n, generator=self.generator)[: n - drop].sort().values for _ in range(num_layers if per_layer else 1)]
-        return torch.stack(rows)
+        """Sorted indices of the N - drop survivors, drawn with this pool's generator."""
+        return draw_keep(self.generator, num_layers, self.memory.shape[1], drop, per_layer)
 
     # ---- logical view (the paper's order: oldest first) ----
     def logical_memory(self) -> Tensor:
@@ -119,8 +136,6 @@ class MemoryState:
         (with this pool's generator; the same indices in every layer unless per_layer_drop) and
         append ``new`` [L, k, d]; an empty pool is filled by tiling instead.
         Returns an undo record for ``undo_`` (O(k) rows, or the whole pool when tiling)."""
-        from .model import tile_to
-
         L, N, d = self.memory.shape
         k = new.shape[1]
         counters = (self.initialized, self.update_count, self.version, self.generator.get_state(), self.last_injection_id)
@@ -250,25 +265,3 @@ def _digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
         h.update(json.dumps([str(t.dtype), list(t.shape)]).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path) on a temp file beside path, fsync it, then rename over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

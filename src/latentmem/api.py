@@ -1,0 +1,181 @@
+"""The one interface every memory design implements, and the types it speaks in.
+
+A *design* (MemoryLLM, LongMem, Larimar) is a language model whose memory lives in its latent
+space: a pool of hidden states, a bank of cached keys/values, an episodic matrix. Whatever the
+memory is, users, the store, the HTTP service, the CLI, the evaluations and the benchmarks meet
+it only through ``MemoryModel`` below; nothing outside a design's own package touches its
+tensors. A design is one subpackage (``latentmem.memoryllm``, ...) whose ``load()`` returns an
+object satisfying ``MemoryModel``; ``latentmem.load(design=...)`` picks it.
+
+The contract (``tests/test_conformance.py`` checks it for every design):
+
+* ``new_memory(seed)`` gives an empty memory; everything that makes a memory's future
+  behaviour (its random generator included) lives in the memory object, so the same
+  injections into equal memories give bit-identical memories, on any machine.
+* ``inject`` writes text without back-propagation, one memory or a batch (memory i receives
+  text i; a batch equals the same injections one by one). Inputs are validated first and a
+  failure part-way leaves every memory exactly as it was.
+* ``generate`` / ``stream`` / ``generate_batch`` answer from memory (``None``: no memory).
+* ``score`` is the teacher-forced log-probability of an answer given memory and prompt.
+* ``forget`` removes what the design can remove of one injection in place, and says whether
+  that is *exact* (the memory now equals one that never received it) or leaves traces, in
+  which case exactness needs a replay of the other injections (what ``MemoryStore`` does).
+  ``forget_exact`` declares which of the two a design's ``forget`` gives.
+* ``memory.save(path)`` (atomic) and ``load_memory(path)`` round-trip bit-exactly and refuse a
+  memory made for another model.
+* ``owners(memory)``: which injection wrote each storage unit (a slot, a chunk, a written
+  row), for attribution and diffs; ``info(memory)`` describes capacity and sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Errors shared by every design
+# --------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A model folder or weights file whose contents cannot be loaded (bad config, missing or
+    unexpected tensors, an adapter layout the loader cannot honour)."""
+
+
+class MemoryFormatError(ValueError):
+    """A memory file or object that cannot be used with this model (wrong shape or model,
+    corrupted, unknown format)."""
+
+
+class InjectionError(ValueError):
+    """Text that cannot be written into memory (empty, too short, not text)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InjectResult:
+    injection_id: int
+    num_tokens: int
+    num_chunks: int  # writes the text took (chunks of at most the design's write length)
+    seconds: float
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    prefill_seconds: float  # includes reading memory when not cached
+    decode_seconds: float
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = max(len(self.token_ids) - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class ForgetResult:
+    injection_id: int
+    exact: bool  # the memory now equals one that never received the injection
+    removed_units: int  # storage units cleared (memory slots, bank chunks, written rows)
+    note: str = ""  # what may remain when not exact
+
+
+@dataclass
+class MemoryInfo:
+    design: str
+    model: str
+    model_id: str
+    unit: str  # what one storage unit is ("memory slot", "bank chunk", "memory row")
+    capacity_units: int  # units the memory holds at most (per layer where the design has layers)
+    used_units: int  # units holding something written
+    memory_bytes: int  # in-process size of the memory's tensors
+    update_count: int  # writes applied
+    last_injection_id: int
+    details: dict[str, Any] = field(default_factory=dict)  # design-specific facts (shapes, limits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# --------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Memory(Protocol):
+    """One user's memory: a design's state object (pool, bank, matrix), self-contained."""
+
+    seed: int
+    model_id: str  # the model (and memory shape) it belongs to
+    version: int  # bumped on every change
+    update_count: int
+    last_injection_id: int  # injection ids handed out so far
+
+    def clone(self, deep: bool = True) -> "Memory": ...
+
+    def equal(self, other: "Memory") -> bool: ...
+
+    def save(self, path) -> None: ...
+
+
+@runtime_checkable
+class MemoryModel(Protocol):
+    """What every memory design offers; see the module docstring for the contract."""
+
+    design: ClassVar[str]  # "memoryllm", "longmem", "larimar"
+    forget_exact: ClassVar[bool]  # whether forget() alone removes an injection exactly
+    name: str  # human-readable model name
+    model_id: str  # fingerprint of the weights and memory shape
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]: ...
+
+    # ---- memories ----
+    def new_memory(self, seed: int = 0) -> Memory: ...
+
+    def load_memory(self, path) -> Memory: ...
+
+    def info(self, memory: Memory | None = None) -> MemoryInfo: ...
+
+    # ---- writing ----
+    def inject(
+        self,
+        memory: Memory | Sequence[Memory],
+        text: str | Sequence[str],
+        *,
+        allow_short: bool = False,
+        progress: bool | None = None,
+        injection_id: int | Sequence[int] | None = None,
+    ) -> InjectResult | list[InjectResult]: ...
+
+    def forget(self, memory: Memory, injection_id: int) -> ForgetResult: ...
+
+    def owners(self, memory: Memory) -> Tensor: ...
+
+    def differences(self, a: Memory, b: Memory) -> list[str]: ...
+
+    def diff(self, a: Memory, b: Memory) -> dict: ...
+
+    # ---- reading ----
+    def generate(self, memory: Memory | None, prompt: str | list[dict], *, chat: bool | None = None, **sampling) -> Generation: ...
+
+    def stream(self, memory: Memory | None, prompt: str | list[dict], *, chat: bool | None = None, **sampling) -> Iterator[str]: ...
+
+    def generate_batch(self, memories: Sequence[Memory | None], prompts: Sequence[str | list[dict]], *, chat: bool | None = None, **sampling) -> list[Generation]: ...
+
+    def score(self, memories: Sequence[Memory | None], prompts: Sequence[str], answers: Sequence[str]) -> list[tuple[float, int]]: ...
