@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import CORPUS, assert_same_snapshot, filled_memory, pool_snapshot, ref_keep, ref_new_memory, tiny_lm
+from conftest import CORPUS, assert_same_snapshot, filled_memory, make_tokenizer, pool_snapshot, ref_keep, ref_new_memory, tiny_lm, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -150,20 +150,25 @@ def test_injected_pools_stay_writable_outside_inference_mode():
 
 
 def test_the_pool_stored_in_a_checkpoint_is_read_and_written():
-    """Published checkpoints carry their own pool (model.memory, model.initialized)."""
-    lm = tiny_lm(seed=6)
-    with torch.no_grad():
-        lm.model.memory.copy_(torch.randn(lm.model.memory.shape, generator=torch.Generator().manual_seed(1)))
-        lm.model.initialized.fill_(1)
+    """Published checkpoints carry their own pool (loading hands it over as model.checkpoint_pool;
+    MemoryLM takes it off the model and gives it out as memory states)."""
+    from latentmem.memoryllm.lm import MemoryLM
+
+    model = tiny_model(seed=6)
+    cfg = model.config
+    pool = torch.randn(cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    model.checkpoint_pool = (pool, True)
+    lm = MemoryLM(model, make_tokenizer(), name="tiny")
+    assert not hasattr(lm.model, "checkpoint_pool")  # the model keeps no copy of any pool
     mem = lm.memory_from_model(seed=2)
-    assert mem.initialized and torch.equal(mem.logical_memory(), lm.model.memory)
+    assert mem.initialized and torch.equal(mem.logical_memory(), pool)
     ids = lm.encode("Where does Alice live?")
     assert lm.generate(mem, "Where does Alice live?", chat=False, max_new_tokens=1).token_ids == [
-        int(lm.model(torch.tensor([ids]), memory=lm.model.memory[None])[0, -1].argmax())
+        int(lm.model(torch.tensor([ids]), memory=pool[None])[0, -1].argmax())
     ]
     lm.inject(mem, SHORT)  # one update of an initialised pool: drop and append, no tiling
     survivors = mem.logical_memory()[:, : -lm.config.num_tokens]
-    assert all(any(torch.equal(row, old) for old in lm.model.memory[0]) for row in survivors[0])
+    assert all(any(torch.equal(row, old) for old in pool[0]) for row in survivors[0])
 
 
 def test_a_bfloat16_model_shares_pools_with_its_float32_twin(tmp_path):

@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import make_tokenizer
 from latentmem.memoryllm import MemoryLLM, MemoryLLMConfig
 from latentmem import loading
-from latentmem.memoryllm.lm import model_fingerprint
+from latentmem.memoryllm.lm import MemoryLM, model_fingerprint
 from latentmem.memoryllm import checkpoint
 from latentmem.memoryllm.checkpoint import (
     CheckpointError,
@@ -109,8 +110,18 @@ def write_published_checkpoint(folder: Path, cfg: MemoryLLMConfig, seed: int = 1
     return tensors
 
 
+def model_tensors(model: MemoryLLM) -> dict[str, torch.Tensor]:
+    """The model's weights plus, as the published layout stores it, the checkpoint's own pool
+    (which loading hands over as ``model.checkpoint_pool`` instead of keeping it in the model)."""
+    state = dict(model.state_dict())
+    pool = getattr(model, "checkpoint_pool", None)
+    if pool is not None:
+        state["memory"], state["initialized"] = pool[0], torch.tensor(int(pool[1]), dtype=torch.uint8)
+    return state
+
+
 def assert_state_equal(model: MemoryLLM, tensors: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
+    state = model_tensors(model)
     assert set(state) == set(tensors)
     for k, v in tensors.items():
         assert state[k].dtype == v.dtype, k
@@ -140,7 +151,7 @@ def test_hf_folder_logits_match_transformers(tmp_path, kind, extra):
     # MistralConfig defaults to sliding_window=4096: loaded with full attention, and said so
     with pytest.warns(UserWarning, match="sliding_window=4096") if kind == "mistral" else contextlib.nullcontext():
         model, tok = load_hf_folder(folder, num_tokens=4, num_blocks=3)
-    assert isinstance(model, MemoryLLM) and not model.initialized
+    assert isinstance(model, MemoryLLM) and getattr(model, "checkpoint_pool", None) is None  # a plain folder has no pool
     assert model.config.tie_word_embeddings == bool(extra.get("tie_word_embeddings"))
     if model.config.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -167,7 +178,9 @@ def test_hf_folder_memory_parts_fresh_and_overrides(tmp_path):
     folder = save_hf_folder(tiny_hf_model("llama"), tmp_path / "m")
     model, _ = load_hf_folder(folder, num_tokens=4, num_blocks=5, position_scaling="interpolate", drop_memory_per_layer=True)
     assert model.config.position_scaling == "interpolate" and model.config.drop_memory_per_layer
-    assert model.memory.shape == (2, 20, 32) and not model.memory.any() and int(model.initialized) == 0
+    assert getattr(model, "checkpoint_pool", None) is None and not hasattr(model, "memory")  # the model holds no pool
+    pool = MemoryLM(model, make_tokenizer()).new_memory()
+    assert pool.shape == (2, 20, 32) and not pool.memory.any() and not pool.initialized
     assert not model.new_memory_positional_emb.any()
     assert 0.005 < model.bos_embedding.std().item() < 0.05  # initialised like MemoryLLM.__init__ (0.02)
     torch.testing.assert_close(model._inv_freq, checkpoint.rope_inv_freq(model.config))
@@ -178,9 +191,8 @@ def test_hf_folder_memory_parts_fresh_and_overrides(tmp_path):
 def test_bf16_load_keeps_fp32_rope(tmp_path):
     folder = save_hf_folder(tiny_hf_model("llama"), tmp_path / "m")
     model, _ = load_hf_folder(folder, num_tokens=4, num_blocks=2, dtype=torch.bfloat16)
-    assert model.lm_head.weight.dtype == torch.bfloat16 and model.memory.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.bfloat16 and MemoryLM(model, make_tokenizer()).new_memory().memory.dtype == torch.bfloat16
     assert model._inv_freq.dtype == torch.float32
-    assert model.initialized.dtype == torch.uint8
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,11 +206,11 @@ def test_published_checkpoint_bit_exact_round_trip(tmp_path):
     model, tok = load(tmp_path / "pub")
     assert tok is None  # the hand-written folder has no tokenizer
     assert model.config.drop_memory_per_layer and (model.config.num_tokens, model.config.num_blocks) == (4, 3)
-    assert int(model.initialized) == 1
+    assert model.checkpoint_pool[1] is True
     assert_state_equal(model, tensors)
 
     tokenizer = save_tiny_tokenizer(tmp_path / "tok")
-    out = save_memoryllm_checkpoint(model, tmp_path / "saved", tokenizer=tokenizer)
+    out = save_memoryllm_checkpoint(model, tmp_path / "saved", tokenizer=tokenizer, memory=model.checkpoint_pool)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "memoryllm" and config["num_memory_tokens"] == 12
     for field in ("num_tokens", "num_blocks", "add_bos_embedding", "drop_memory_per_layer", "add_decoder_lora", "lora_config", "hidden_size", "num_key_value_heads"):
@@ -217,20 +229,20 @@ def test_save_tied_sharded_and_replace(tmp_path):
     torch.manual_seed(0)
     model = MemoryLLM(cfg)
     randomize_(model)
-    model.memory.normal_()
-    model.initialized.fill_(1)
-    out = save_memoryllm_checkpoint(model, tmp_path / "ck", max_shard_size="10KB")
+    pool = (torch.randn(cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size), True)
+    out = save_memoryllm_checkpoint(model, tmp_path / "ck", max_shard_size="10KB", memory=pool)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
     assert len(files) > 1 and all((out / f).is_file() for f in files)
     assert "lm_head.weight" in index["weight_map"]  # written even though tied, for compatibility
     reloaded, _ = load(out)
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
-    assert_state_equal(reloaded, model.state_dict())
+    model.checkpoint_pool = pool  # what was saved beside the weights
+    assert_state_equal(reloaded, model_tensors(model))
     # saving again replaces the folder (a MemoryLLM checkpoint) as a whole: no stale shards
-    out = save_memoryllm_checkpoint(model, tmp_path / "ck")
+    out = save_memoryllm_checkpoint(model, tmp_path / "ck", memory=pool)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    assert_state_equal(load(out)[0], model.state_dict())
+    assert_state_equal(load(out)[0], model_tensors(model))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
@@ -286,7 +298,7 @@ def test_peft_lora_merged(tmp_path, prefix_all, use_rslora):
 
     model, _ = load_memoryllm_checkpoint(tmp_path / "lora")
     scale = alpha / r**0.5 if use_rslora else alpha / r
-    state = model.state_dict()
+    state = model_tensors(model)
     for k, v in tensors.items():
         if k in factors:
             a, b = factors[k]
@@ -352,7 +364,7 @@ def test_release_decoder_lora_switches_adapters(tmp_path):
     refs = {}
     for adapter, state in merged.items():
         ref = MemoryLLM(unmerged.config)
-        ref.load_state_dict(state)
+        ref.load_state_dict({k: v for k, v in state.items() if k not in ("memory", "initialized")})  # the pool is no part of the model
         refs[adapter] = ref.eval()
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     memory = tensors["memory"][None]
@@ -374,7 +386,7 @@ def test_release_decoder_lora_switches_adapters(tmp_path):
     assert model_fingerprint(model) == model_fingerprint(refs["decoder_adapter"]) != model_fingerprint(refs["default"])
     # saved again (the release's layout, the merge undone), both load back with both adapters
     for i, m in enumerate((unmerged, model)):
-        save_memoryllm_checkpoint(m, tmp_path / f"again{i}")
+        save_memoryllm_checkpoint(m, tmp_path / f"again{i}", memory=m.checkpoint_pool)
         stored_again = load_file(str(tmp_path / f"again{i}" / "model.safetensors"))
         for k, v in stored.items():  # the release's own tensors come back (up to fp32 rounding)
             torch.testing.assert_close(stored_again[k.removeprefix("base_model.model.").replace(".base_layer.", ".")], v, rtol=1e-5, atol=1e-5)
@@ -388,8 +400,8 @@ def test_release_decoder_lora_switches_adapters(tmp_path):
 def test_bf16_published_checkpoint(tmp_path):
     tensors = write_published_checkpoint(tmp_path / "pub", tiny_cfg())
     model, _ = load_memoryllm_checkpoint(tmp_path / "pub", dtype=torch.bfloat16)
-    assert torch.equal(model.memory, tensors["memory"].bfloat16())
-    assert model._inv_freq.dtype == torch.float32 and int(model.initialized) == 1
+    assert torch.equal(model.checkpoint_pool[0], tensors["memory"].bfloat16())
+    assert model._inv_freq.dtype == torch.float32 and model.checkpoint_pool[1] is True
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Public API::
     load_default(*, num_tokens=None, num_blocks=None, dtype, device, trained=True, **memory_overrides)
     apply_trained_weights(model, path=None)  # `memoryllm train`'s export (LoRA merged)
     load_memoryllm_checkpoint(path, *, dtype, device, **overrides)
-    save_memoryllm_checkpoint(model, path, tokenizer=None, max_shard_size="2GB")
+    save_memoryllm_checkpoint(model, path, tokenizer=None, max_shard_size="2GB", memory=None)
 """
 
 from __future__ import annotations
@@ -35,10 +35,14 @@ from ..loading import SUPPORTED_MODEL_TYPES, TensorSource, check_folder, default
 from ..lora import LORA_KEY, attach_adapters, unmerge_read
 from .config import MemoryLLMConfig
 from .model import MemoryLLM
+from .state import MemoryState
 
 MEMORYLLM_MODEL_TYPE = "memoryllm"
-# Parameters and buffers MemoryLLM adds to the base model: a plain HF folder has none of them.
-MEMORY_KEYS = ("bos_embedding", "new_memory_positional_emb", "memory", "initialized")
+# Parameters MemoryLLM adds to the base model: a plain HF folder has none of them.
+MEMORY_KEYS = ("bos_embedding", "new_memory_positional_emb")
+# The pool a published checkpoint stores beside its weights. It is not part of the model: it
+# becomes a memory state (MemoryLM.memory_from_model) and a save writes the state it is given.
+POOL_KEYS = ("memory", "initialized")
 # Trained MemoryLLM weights (bos_embedding, LoRA-merged layers, ...) for the default model, if
 # the package ships them: applied on top of the converted base model by load_default().
 SHIPPED_WEIGHTS = Path(__file__).parent.parent / "assets" / "default_memoryllm.safetensors"
@@ -173,7 +177,7 @@ def _build_model(cfg: MemoryLLMConfig, source: TensorSource, dtype: torch.dtype,
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: missing tensors: {shown}")
-    unexpected = sorted(source.keys - set(expected))
+    unexpected = sorted(source.keys - set(expected) - set(POOL_KEYS))
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
         raise CheckpointError(f"{path}: tensors this {cfg.num_hidden_layers}-layer model has no place for: {shown}")
@@ -188,16 +192,29 @@ def _build_model(cfg: MemoryLLMConfig, source: TensorSource, dtype: torch.dtype,
                 _init_memory_part(model, name)
                 continue
             src = source.get(name)
-            if name == "initialized" and src.numel() == 1:
-                src = src.reshape(dst.shape)
             if src.shape != dst.shape:
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, the config gives {tuple(dst.shape)}" + (" (num_blocks * num_tokens memory rows)" if name == "memory" else ""))
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, the config gives {tuple(dst.shape)}")
             module = name.removesuffix(".weight")
             if module in loras:  # W += B @ A * alpha / r, computed in fp32
                 a, b = loras[module]
                 src = src.float() + (b.float() @ a.float()) * lora_scale
             dst.copy_(src)
+    if "memory" in source.keys:
+        model.checkpoint_pool = _read_pool(cfg, source, dtype, device, path)
     return model.eval()
+
+
+def _read_pool(cfg: MemoryLLMConfig, source: TensorSource, dtype: torch.dtype, device, path: Path) -> tuple[Tensor, bool]:
+    """The checkpoint's own pool (memory [L, N, d], initialized), checked against the config. Kept
+    on the model only until MemoryLM takes it (``model.checkpoint_pool``), which removes it."""
+    memory = source.get("memory")
+    shape = (cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size)
+    if tuple(memory.shape) != shape:
+        raise CheckpointError(f"{path}: tensor 'memory' has shape {tuple(memory.shape)}, the config gives {shape} (num_blocks * num_tokens memory rows)")
+    flag = source.get("initialized") if "initialized" in source.keys else torch.tensor(1)
+    if flag.numel() != 1:
+        raise CheckpointError(f"{path}: tensor 'initialized' must hold one value, it has shape {tuple(flag.shape)}")
+    return memory.to(device=device, dtype=dtype), bool(flag.reshape(()).item())
 
 
 def _init_memory_part(model: MemoryLLM, name: str) -> None:
@@ -207,7 +224,7 @@ def _init_memory_part(model: MemoryLLM, name: str) -> None:
         # Seeded: every load must give the same values, or the model id (a fingerprint of the
         # weights, bos included) changes and memory files saved earlier no longer load.
         t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(0)) * 0.02)
-    else:  # new_memory_positional_emb, memory, initialized start at zero
+    else:  # new_memory_positional_emb starts at zero
         t.zero_()
 
 
@@ -245,6 +262,9 @@ def load_memoryllm_checkpoint(
             scale = _lora_scale(cfg.lora_config, source, path)
         if "lm_head.weight" not in source.keys and not cfg.tie_word_embeddings:
             cfg = cfg.replace(tie_word_embeddings=True)
+        absent = [k for k in POOL_KEYS if k not in source.keys]
+        if absent:  # the published layout always stores the pool beside the weights
+            raise CheckpointError(f"{path}: missing tensors: {', '.join(absent)} (a MemoryLLM checkpoint stores its memory pool)")
         model = _build_model(cfg, source, dtype, device, path, lora_scale=scale, merge_lora=roles is None)
         if roles is not None:  # two adapters cannot be merged into one weight: attach them unmerged
             lora = cfg.lora_config or {}
@@ -290,14 +310,30 @@ def _release_adapter_layout(model: MemoryLLM, tensors: dict[str, Tensor], config
     return out, config
 
 
+def _pool_tensors(cfg: MemoryLLMConfig, memory) -> dict[str, Tensor]:
+    """The published layout's ``memory`` (fp32, logical order) and ``initialized`` (uint8) tensors."""
+    shape = (cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size)
+    if memory is None:
+        pool, initialized = torch.zeros(shape), False
+    elif isinstance(memory, tuple):
+        pool, initialized = memory
+    else:  # a MemoryState
+        pool, initialized = memory.logical_memory(), memory.initialized
+    if tuple(pool.shape) != shape:
+        raise ValueError(f"memory of shape {tuple(pool.shape)} does not fit this model {shape}")
+    return {"memory": pool.detach().to("cpu", torch.float32).contiguous().clone(), "initialized": torch.tensor(int(bool(initialized)), dtype=torch.uint8)}
+
+
 def save_memoryllm_checkpoint(
     model: MemoryLLM,
     path: str | os.PathLike,
     tokenizer: Any = None,
     max_shard_size: int | str = "2GB",
+    memory: "MemoryState | tuple[Tensor, bool] | None" = None,
 ) -> Path:
     """Write `model` in the published layout (fp32 safetensors, sharded with an index json when
-    larger than max_shard_size). The folder is built beside `path` and renamed into place, so a
+    larger than max_shard_size), with ``memory`` as the checkpoint's pool (a memory state, or a
+    (pool [L, N, d], initialized) pair; None: an empty pool). The folder is built beside `path` and renamed into place, so a
     failure never leaves a half-written checkpoint at `path` (the old one is kept, or put back; a
     process killed between the two renames leaves it in `.<name>.old-*`). An existing `path` is
     replaced only if it is empty or a MemoryLLM checkpoint itself."""
@@ -308,6 +344,7 @@ def save_memoryllm_checkpoint(
     # clone(): safetensors refuses tensors sharing storage (the tied lm_head), and the tied
     # lm_head.weight is still written so loaders that expect it find it.
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone() for k, v in model.state_dict().items()}
+    tensors.update(_pool_tensors(model.config, memory))
     config = model.config.to_dict()
     if model.adapter_roles is not None:  # unmerged write/read adapters: the 8B release's layout
         tensors, config = _release_adapter_layout(model, tensors, config)

@@ -73,6 +73,8 @@ class MemoryLM:
         self.name = name
         self.config = model.config
         self.model_id = model_fingerprint(model)
+        # the checkpoint's own pool, taken off the model so that it holds no copy of any pool
+        self.checkpoint_pool: tuple[Tensor, bool] | None = model.__dict__.pop("checkpoint_pool", None)
 
     # ---- memory pools ----
     def new_memory(self, seed: int = 0) -> MemoryState:
@@ -85,10 +87,13 @@ class MemoryLM:
         return state
 
     def memory_from_model(self, seed: int = 0) -> MemoryState:
-        """The pool stored inside the model itself (published checkpoints carry one)."""
+        """A memory state holding the pool the loaded checkpoint carried (published MemoryLLM
+        checkpoints store one beside the weights); an empty memory when it carried none."""
         state = self.new_memory(seed)
-        state.memory = self.model.memory.detach().clone().to(self.model.dtype)
-        state.initialized = bool(self.model.initialized)
+        if self.checkpoint_pool is not None:
+            pool, initialized = self.checkpoint_pool
+            state.memory = pool.detach().clone().to(self.model.device, self.model.dtype)
+            state.initialized = initialized
         return state
 
     # ---- tokenisation ----

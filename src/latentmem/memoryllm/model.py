@@ -38,7 +38,7 @@ class MemoryLLM(AdapterRoles, nn.Module):
     def __init__(self, cfg: MemoryLLMConfig):
         super().__init__()
         self.config = cfg
-        L, N, d = cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size
+        L, d = cfg.num_hidden_layers, cfg.hidden_size
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -47,10 +47,8 @@ class MemoryLLM(AdapterRoles, nn.Module):
         # positions whose outputs become new memory (zero-initialised as in the releases).
         self.bos_embedding = nn.Parameter(torch.randn(L, 1, d) * 0.02) if cfg.add_bos_embedding else None
         self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
-        # The instance's own pool (what the published checkpoints store); per-user pools live in
-        # MemoryState objects and are passed in explicitly.
-        self.register_buffer("memory", torch.zeros(L, N, d), persistent=True)
-        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8), persistent=True)
+        # No pool here: every pool is a MemoryState passed in explicitly (a published
+        # checkpoint's own pool becomes one at load, see checkpoint.py).
         # Kept out of the module's buffers on purpose: a model.to(bfloat16) would round the
         # frequencies and garble positions in the thousands. Always fp32, moved on demand.
         self._inv_freq = rope_inv_freq(cfg)
