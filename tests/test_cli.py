@@ -194,7 +194,7 @@ def test_a_plain_hf_folder_reads_its_own_memory_file_in_later_commands(capsys, t
 
 @pytest.mark.parametrize(
     "shape,message",
-    [(["--num-tokens", "8", "--num-blocks", "4"], "made for model"), ([], "memory tokens N: file 32 vs model 2560")],
+    [(["--num-tokens", "8", "--num-blocks", "4"], "made for model"), ([], "memory tokens N: file 32 vs model 512")],
     ids=["other-weights", "other-shape"],
 )
 def test_a_memory_file_of_another_model_is_refused(capsys, tmp_path, checkpoint, hf_folder, shape, message):

@@ -33,7 +33,7 @@ from ..backbone import rope_inv_freq
 from ..files import write_folder
 from ..loading import SUPPORTED_MODEL_TYPES, TensorSource, check_folder, default_model_dir, load_tokenizer, parse_size, read_config, weight_files
 from ..lora import LORA_KEY, attach_adapters, unmerge_read
-from .config import MemoryLLMConfig
+from .config import DEFAULT_NUM_BLOCKS, DEFAULT_NUM_TOKENS, MemoryLLMConfig
 from .model import MemoryLLM
 from .state import MemoryState
 
@@ -46,7 +46,6 @@ POOL_KEYS = ("memory", "initialized")
 # Trained MemoryLLM weights (bos_embedding, LoRA-merged layers, ...) for the default model, if
 # the package ships them: applied on top of the converted base model by load_default().
 SHIPPED_WEIGHTS = Path(__file__).parent.parent / "assets" / "default_memoryllm.safetensors"
-DEFAULT_NUM_TOKENS, DEFAULT_NUM_BLOCKS = 128, 16  # memory shape of the default without trained weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ def load_default(
     trained memory weights (SHIPPED_WEIGHTS; ``trained=False`` gives the untrained base).
 
     The memory shape defaults to the one the shipped weights were trained with (their metadata),
-    else K=128, N=16 x 128. ``model.applied_weights`` records what was applied (file, sha256,
+    else the library default (K=128, N=512). ``model.applied_weights`` records what was applied (file, sha256,
     tensors), or None."""
     shape = trained_shape(SHIPPED_WEIGHTS) if trained else {}
     num_tokens = num_tokens or shape.get("num_tokens", DEFAULT_NUM_TOKENS)

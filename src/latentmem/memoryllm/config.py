@@ -13,11 +13,16 @@ from ..config import BackboneConfig
 
 PositionScaling = Literal["none", "interpolate", "linear"]
 
+# The one default memory shape (K new tokens per update, N = K * num_blocks per layer): the shape
+# the shipped default weights were trained with, used for any model unless its checkpoint or
+# trained-weights file names another (published MemoryLLM checkpoints carry their own).
+DEFAULT_NUM_TOKENS, DEFAULT_NUM_BLOCKS = 128, 4
+
 
 @dataclass
 class MemoryLLMConfig(BackboneConfig):
-    num_tokens: int = 256  # K: memory tokens written per update
-    num_blocks: int = 10  # N = num_blocks * num_tokens
+    num_tokens: int = DEFAULT_NUM_TOKENS  # K: memory tokens written per update
+    num_blocks: int = DEFAULT_NUM_BLOCKS  # N = num_blocks * num_tokens
     add_bos_embedding: bool = True
     drop_memory_per_layer: bool = False  # 8B release: independent drop indices per layer
     # How memory positions are kept inside the base model's trained range:
