@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_lm
 from latentmem.eval import metrics as M
 from latentmem.train.measure import compare_lm, measure_lm
-from latentmem.train.routines import Batch, TrainPool, memory_loss, prompt_loss
+from latentmem.train.routines import Batch, memory_loss, prompt_loss, training_pool
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def test_per_row_losses_match_single_rows_and_a_plain_computation():
     model = lm.model
     contexts, targets = _rows(0, [9, 14, 11]), _rows(1, [7, 12, 5])  # unequal: left padding in both
     batch = Batch("eval", [contexts], targets, [1] * 3, False, False, True, 0)
-    pool = TrainPool(model, 0)
+    pool = training_pool(model, 0)
     sums, counts = memory_loss(model, batch, pool, 0, per_row=True)
     mean, n = memory_loss(model, batch, pool, 0)
     assert counts.tolist() == [len(t) - 1 for t in targets] and int(counts.sum()) == n
@@ -102,7 +102,7 @@ def test_measure_lm_reports_per_example_losses_and_paired_comparisons():
         assert r["loss"] == pytest.approx(sum(x for x, _ in rows) / r["tokens"], abs=1e-4)
         assert r["ci95"][0] <= r["loss"] <= r["ci95"][1]
     # the memory condition reads x1..x(n-1): the same loss as running each example alone
-    pool = TrainPool(lm.model, 0)
+    pool = training_pool(lm.model, 0)
     with torch.no_grad():
         ex = examples[4]
         alone, k = memory_loss(lm.model, Batch("eval", [[ex[0]], [ex[1]]], [ex[2]], [1], False, False, True, 4), pool, 0)

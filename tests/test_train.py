@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer, tiny_lm, tiny_model
 from latentmem.memoryllm import checkpoint
-from latentmem.train import ConfigError, TrainConfig, export_weights, train
+from latentmem.memoryllm.state import MemoryState
+from latentmem.text import pad_token_id
+from latentmem.train import RECIPES, ConfigError, Recipe, TrainConfig, export_weights, recipe_for, train
 from latentmem.train.data import QARow, TrainData
-from latentmem.train.engine import prepare_trainable
-from latentmem.train.routines import Batch, TrainPool, build_batch, memory_loss
+from latentmem.train.memoryllm import MemoryLLMRecipe, prepare_trainable
+from latentmem.train.routines import Batch, build_batch, inject, memory_loss, training_pool, write_contexts
 
 ROUTINES = ("new_knowledge", "continuous", "forgetting", "qa")
 SEG = 8
@@ -97,8 +99,8 @@ def test_grad_flows_through_injection_only_in_process_a(tmp_path):
     for process_a_prob, routine in [(1.0, "new_knowledge"), (0.0, "new_knowledge"), (0.0, "continuous"), (0.0, "forgetting")]:
         cfg = toy_config(tmp_path, routine, process_a_prob=process_a_prob, batch_size=2)
         prepare_trainable(model, cfg) if not seen else None
-        pool = TrainPool(model, 0)
-        pool.write(model, [data.docs[0][:SEG]], 0)
+        pool = training_pool(model, 0)
+        write_contexts(model, pool, [data.docs[0][:SEG]], 0)
         model.zero_grad(set_to_none=True)
         batch = build_batch(cfg, data, 0, 0)
         loss, _ = memory_loss(model, batch, pool, 0)
@@ -122,9 +124,9 @@ def _reads_training_pool(batch, data: TrainData) -> bool:
     """Whether the batch's loss depends on the training pool: two pools holding different
     documents give different losses."""
     model = tiny_model(num_tokens=8, num_blocks=2)
-    pools = [TrainPool(model, 0), TrainPool(model, 0)]
-    pools[0].write(model, [data.docs[0][:SEG]], 0)
-    pools[1].write(model, [data.docs[1][:SEG]], 0)
+    pools = [training_pool(model, 0), training_pool(model, 0)]
+    write_contexts(model, pools[0], [data.docs[0][:SEG]], 0)
+    write_contexts(model, pools[1], [data.docs[1][:SEG]], 0)
     losses = [memory_loss(model, batch, pool, 0)[0] for pool in pools]
     return not torch.equal(losses[0], losses[1])
 
@@ -162,22 +164,22 @@ def test_forgetting_across_steps_predicts_what_earlier_steps_wrote(tmp_path, mon
     the segment that follows, in its document, a context the integrity rule wrote into the
     pool 1..forgetting_max_gap steps before (checked against the engine's actual writes), and
     the batch injects nothing; the first step, with nothing written yet, falls back."""
-    from latentmem.train import engine
+    from latentmem.train import memoryllm as recipe
 
     data = _random_docs(0, 60, 40)
     writes, built = [], []
-    real_write, real_build = TrainPool.write, engine.build_batch
+    real_write, real_build = recipe.write_contexts, recipe.build_batch
 
-    def write(self, model, contexts, pad):
+    def write(model, pool, contexts, pad):
         writes.append([list(c) for c in contexts])
-        return real_write(self, model, contexts, pad)
+        return real_write(model, pool, contexts, pad)
 
     def build(cfg, d, index, step, per_step=None):
         built.append((step, real_build(cfg, d, index, step, per_step)))
         return built[-1][1]
 
-    monkeypatch.setattr(TrainPool, "write", write)
-    monkeypatch.setattr(engine, "build_batch", build)
+    monkeypatch.setattr(recipe, "write_contexts", write)
+    monkeypatch.setattr(recipe, "build_batch", build)
     cfg = toy_config(tmp_path, None, steps=7, batch_size=3, grad_accum=2, integrity_contexts=2, lora_r=2, forgetting_max_gap=2, forgetting_across_steps=True, ratio_qa=0.0)
     train(cfg, model=tiny_model(num_tokens=8, num_blocks=4), tokenizer=make_tokenizer(), data=data)
     assert len(writes) == 1 + cfg.steps  # the warm-up, then one write per step
@@ -212,9 +214,8 @@ def test_forgetting_across_steps_learns_to_read_the_pool(tmp_path):
         for i in range(0, 40, 2):
             x1, x2 = held.docs[i][:SEG], held.docs[i][SEG:]
             for written, out in ((x1, on), (held.docs[i + 1][:SEG], off)):
-                p = TrainPool(model, 0)
-                p.load_state_dict({**pool.state_dict(), "memory": pool.memory.clone()})
-                p.write(model, [written], 0)
+                p = pool.clone()
+                write_contexts(model, p, [written], 0)
                 out.append(memory_loss(model, Batch("eval", [], [x2], [1], False, False, False, 0), p, 0)[0].item())
     assert sum(on) / len(on) < sum(off) / len(off) - 0.2, (sum(on) / len(on), sum(off) / len(off))
 
@@ -278,16 +279,172 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     cfg = toy_config(tmp_path / "b", **kw)
     first = train(dataclasses.replace(cfg, stop_at=3), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
     assert first["end_step"] == 3 and first["checkpoint"].name == "step-000003.pt"
+    _write_legacy_checkpoint(first["checkpoint"], toy_config(tmp_path / "c", **kw))
     second = train(cfg, model=tiny_model(), tokenizer=make_tokenizer(), data=data)  # a new process would do the same
     assert second["start_step"] == 3
     assert first["losses"] + second["losses"] == full["losses"]
     a, b = _params(full["model"]), _params(second["model"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(full["pool"].memory, second["pool"].memory)
+    # the training pool is the library's MemoryState, restored whole: tensor and slot layout,
+    # provenance, drop generator, counters
+    assert isinstance(second["pool"], MemoryState) and second["pool"].equal(full["pool"])
+    assert torch.equal(full["pool"].order, second["pool"].order) and full["pool"].version == second["pool"].version
+    assert full["pool"].update_count == 1 + kw["steps"]  # the warm-up context, then one per step (one micro-batch, integrity_contexts 1)
+    # a checkpoint from before the pool was a MemoryState ({memory, initialized, updates,
+    # generator} at the top, no design in its config) resumes to the same run
+    third = train(toy_config(tmp_path / "c", **kw), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
+    assert third["start_step"] == 3 and third["losses"] == second["losses"]
+    assert torch.equal(third["pool"].logical_memory(), full["pool"].logical_memory())
+    assert torch.equal(third["pool"].generator.get_state(), full["pool"].generator.get_state())
     rows = (tmp_path / "b" / "run" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(1, 7)]  # one row per step, none twice
     with pytest.raises(ConfigError, match="lora_r"):  # a checkpoint of another shape is refused
         train(dataclasses.replace(cfg, lora_r=4), model=tiny_model(), tokenizer=make_tokenizer(), data=data)
+
+
+def _write_legacy_checkpoint(ckpt: Path, cfg: TrainConfig) -> None:
+    """``ckpt`` rewritten in the layout training checkpoints had before recipes, into cfg's out_dir."""
+    from latentmem.train.engine import checkpoint_dir, save_checkpoint
+    from latentmem.train.memoryllm import pool_from_state
+
+    state = torch.load(ckpt, weights_only=False)
+    pool = pool_from_state(state.pop("recipe")["pool"], cfg.seed)
+    state["pool"] = {"memory": pool.logical_memory(), "initialized": pool.initialized, "updates": pool.update_count, "generator": pool.generator.get_state()}
+    del state["config"]["design"]
+    save_checkpoint(checkpoint_dir(cfg) / ckpt.name, state)
+
+
+@torch.no_grad()
+def test_training_pool_write_is_the_librarys_inject():
+    """The integrity write into the training pool is MemoryLM.inject's update, bit for bit, on
+    pools of the same seed: the same new tokens, drops from the pool's own generator, slot
+    layout, provenance and counters. The batched in-micro-batch update (routines.inject, on
+    a pool copy in logical order) applies the same rule given the same generator state."""
+    lm = tiny_lm(num_tokens=8, num_blocks=4)
+    texts = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", "Alice lives in Zurich.", "The meeting moved to Thursday."]
+    library = lm.new_memory(seed=7)
+    for t in texts:
+        lm.inject(library, t, allow_short=True)
+    assert library.update_count == len(texts)  # one chunk each
+    pool = training_pool(lm.model, seed=7)
+    assert isinstance(pool, MemoryState)
+    write_contexts(lm.model, pool, [lm.encode(t) for t in texts], pad_token_id(lm.tokenizer))
+    pool.model_id = lm.model_id  # the training pool belongs to no fixed weights; the rest must match
+    assert pool.equal(library) and lm.differences(pool, library) == []
+    assert torch.equal(pool.memory, library.memory) and torch.equal(pool.order, library.order) and pool.version == library.version
+
+    ctx = lm.encode("Numbers like 42 appear in many sentences.")
+    gen = torch.Generator().manual_seed(3)
+    batched, _, _ = inject(lm.model, pool.logical_memory()[None], torch.tensor([True]), [ctx], gen, 0)
+    one = pool.clone()
+    one.generator.manual_seed(3)
+    write_contexts(lm.model, one, [ctx], 0)
+    assert torch.equal(batched[0], one.logical_memory())
+
+
+def test_design_picks_the_recipe(tmp_path, monkeypatch):
+    """TrainConfig.design picks the recipe (default memoryllm); an unknown design is a
+    ConfigError naming the available ones, from the config, recipe_for and the command line;
+    and another design's recipe runs on the same engine, its state checkpointed and resumed."""
+    assert TrainConfig().design == "memoryllm" and isinstance(recipe_for(TrainConfig()), MemoryLLMRecipe)
+    assert (TrainConfig().num_tokens, TrainConfig().num_blocks) == (128, 4)  # the embedded default's shape
+    with pytest.raises(ConfigError, match=r"unknown design 'longmem'; available: memoryllm"):
+        TrainConfig(design="longmem")
+    cfg = TrainConfig()
+    cfg.design = "larimar"  # set after validation: recipe_for checks again
+    with pytest.raises(ConfigError, match="available: memoryllm"):
+        recipe_for(cfg)
+    from latentmem.cli import main
+
+    assert main(["train", "design=larimar", "--print-config"]) == 2
+
+    monkeypatch.setitem(RECIPES, "toy", f"{__name__}:ToyRecipe")
+    kw = dict(design="toy", steps=4, grad_accum=2, checkpoint_every=1, progress=False, warmup_steps=0, lr=1e-1)
+
+    def run(out: str, **more):
+        return train(TrainConfig(**kw, out_dir=str(tmp_path / out), **more), model=torch.nn.Linear(3, 1), tokenizer=make_tokenizer(), data=TrainData())
+
+    full = run("full", resume=False)
+    assert full["seen"] == list(range(8)) and len(full["losses"]) == 4  # every micro-batch's record, in index order
+    cut = run("cut", stop_at=2)
+    rest = run("cut")
+    assert cut["end_step"] == 2 and rest["start_step"] == 2 and rest["seen"] == list(range(8))
+    assert cut["losses"] + rest["losses"] == full["losses"]
+    assert torch.equal(full["model"].weight, rest["model"].weight)
+    rows = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",seconds,records") and rows[-1].endswith(",8") and len(rows) == 5
+
+
+@dataclasses.dataclass
+class ToyBatch:
+    x: torch.Tensor
+    index: int
+    routine: str = "toy"
+
+    def num_tokens(self) -> int:
+        return len(self.x)
+
+
+class ToyRecipe(Recipe):
+    """A design that is a linear regression: enough to drive every hook of the engine."""
+
+    design = "toy"
+    metric_fields = ("records",)
+
+    def load_model(self):
+        raise AssertionError("the test passes the model")
+
+    def prepare_trainable(self, model):
+        torch.manual_seed(self.cfg.seed)  # every run (and process) starts from the same weights
+        model.reset_parameters()
+        return [n for n, _ in model.named_parameters()]
+
+    def setup(self, model, tokenizer, data):
+        self.model, self.seen = model, []
+
+    def batch(self, index, step, per_step):
+        return ToyBatch(torch.randn(4, 3, generator=torch.Generator().manual_seed(index)), index)
+
+    def loss_module(self):
+        model = self.model
+
+        class Loss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, batch):
+                return (self.model(batch.x).squeeze(-1) - batch.x.sum(-1)).pow(2).mean(), len(batch.x)
+
+        return Loss()
+
+    def step_record(self, batch):
+        return batch.index
+
+    def after_step(self, records):
+        self.seen += records
+
+    def step_metrics(self):
+        return {"records": len(self.seen)}
+
+    def validation_sets(self, eval_data):
+        return {}
+
+    def validation_loss(self, batch):
+        raise AssertionError("no validation sets")
+
+    def state_dict(self):
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state):
+        self.seen = list(state["seen"])
+
+    def export(self, model, path, extra_meta=None):
+        raise AssertionError("export is off")
+
+    def results(self):
+        return {"seen": self.seen}
 
 
 def _free_port() -> int:
@@ -406,8 +563,8 @@ def test_separate_write_and_read_adapters(tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
-    pool = TrainPool(model, 0)
-    pool.write(model, [data.docs[0][:SEG]], 0)
+    pool = training_pool(model, 0)
+    write_contexts(model, pool, [data.docs[0][:SEG]], 0)
     grads = {}
     for process_a_prob in (1.0, 0.0):
         model.zero_grad(set_to_none=True)
@@ -496,4 +653,4 @@ def test_trained_default_answers_from_memory():
     assert "Mira Kovac" in lm.generate(mem, prompt, chat=False, max_new_tokens=8).text
     assert "Mira Kovac" not in lm.generate(None, prompt, chat=False, max_new_tokens=8).text
     base = load(trained=False)
-    assert base.model.applied_weights is None and base.config.num_memory_tokens == 2048
+    assert base.model.applied_weights is None and base.config.num_memory_tokens == 512  # the one default shape

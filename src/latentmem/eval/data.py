@@ -103,7 +103,10 @@ def _squad_official(obj: dict):
                 yield {"id": qa.get("id"), "question": qa["question"], "context": para["context"], "answers": answers}
 
 
-def _answers(row: dict) -> list[str]:
+def row_answers(row: dict) -> list[str]:
+    """Every acceptable answer of a QA row, ``answer`` first: ``answers`` may be a list, a string
+    or SQuAD/HF style ``{"text": [...]}``; blank entries are dropped. Shared with training
+    (``latentmem.train.data``), so both read a row's answers the same way."""
     a = row.get("answers")
     if isinstance(a, dict):
         a = a.get("text")
@@ -113,6 +116,9 @@ def _answers(row: dict) -> list[str]:
     if isinstance(row.get("answer"), str) and row["answer"].strip():
         out = [row["answer"]] + [x for x in out if x != row["answer"]]
     return out
+
+
+_answers = row_answers  # the name the evaluation code has used
 
 
 def eval_rows_only(lm) -> bool:
@@ -128,7 +134,7 @@ def load_qa(name_or_path: str | os.PathLike, *, limit: int | None = None, seed: 
     path = resolve(name_or_path)
     rows = []
     for i, r in enumerate(read_jsonl(path)):
-        answers = _answers(r)
+        answers = row_answers(r)
         q = r.get("question") or r.get("input")
         ctx = r.get("context")
         if not (isinstance(q, str) and isinstance(ctx, str) and answers):

@@ -11,8 +11,8 @@ import sys
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
-        help="train MemoryLLM (paper routines + QA; LoRA); runs under torchrun unchanged",
-        description="Train MemoryLLM. Keys of the config file may be overridden as key=value (e.g. steps=100 lr=1e-4).",
+        help="train a memory design (default MemoryLLM: paper routines + QA; LoRA); runs under torchrun unchanged",
+        description="Train a memory design (the config's `design`, default memoryllm). Keys of the config file may be overridden as key=value (e.g. steps=100 lr=1e-4).",
     )
     p.add_argument("--config", default=None, help="TOML or JSON config file (see configs/train_default.toml)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

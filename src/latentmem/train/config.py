@@ -29,9 +29,12 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # ---- model ----
+    design: str = "memoryllm"  # which memory design's recipe trains (latentmem.train.recipe.RECIPES)
     model: str | None = None  # local HF / MemoryLLM folder; None = the embedded SmolLM2-135M default
     num_tokens: int = 128  # K: new memory tokens per injection
-    num_blocks: int = 16  # N = num_blocks * K
+    # N = num_blocks * K = 512: the embedded default's one documented memory shape (its shipped
+    # weights were trained with it)
+    num_blocks: int = 4
     trained_start: bool = False  # start the default model from its shipped trained weights (merged; new adapters on top)
     init_from: str | None = None  # continue training an export ("default" = the shipped file): its LoRA factors and embeddings seed the new adapters
     # ---- what is trained ----
@@ -106,7 +109,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        from .recipe import RECIPES  # here, not at the top: recipe.py imports this module
+
         checks = [
+            (self.design in RECIPES, f"unknown design {self.design!r}; available: {', '.join(sorted(RECIPES))}"),
             (self.segment_min >= 1 and self.segment_max >= self.segment_min, "need 1 <= segment_min <= segment_max"),
             (self.steps >= 0 and self.batch_size >= 1 and self.grad_accum >= 1, "steps >= 0, batch_size >= 1, grad_accum >= 1"),
             (min(self.ratios().values()) >= 0 and sum(self.ratios().values()) > 0, "routine ratios must be >= 0 and not all 0"),

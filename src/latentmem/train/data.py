@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..text import PLAIN_QA
-from ..eval.data import DataError, _answers, is_heldout, read_jsonl, resolve
+from ..eval.data import DataError, is_heldout, read_jsonl, resolve, row_answers
 
 MIN_CONTEXT_TOKENS = 16  # the releases warn that shorter contexts disturb the memory
 
@@ -107,7 +107,7 @@ def load_train_data(cfg, tokenizer, split: str = "train") -> TrainData:
         data.docs += [d for d in (enc(t) for _, t in texts) if len(d) >= 2 * cfg.segment_min]
     for source in cfg.qa_data:
         for r in _rows(source):
-            answers = _answers(r)
+            answers = row_answers(r)
             if not (answers and isinstance(r.get("question"), str) and isinstance(r.get("context"), str)) or not keep(r["id"]):
                 continue
             context = enc(r["context"])

@@ -35,10 +35,10 @@ import torch
 from ..eval import metrics
 from ..eval.common import generate, model_info, write_json
 from ..eval.data import HELDOUT_PERCENT, is_heldout, load_qa
-from ..text import qa_prompt
+from ..text import pad_token_id, qa_prompt
 from .config import TrainConfig
 from .data import load_train_data
-from .routines import Batch, TrainPool, memory_loss, prompt_loss
+from .routines import Batch, memory_loss, prompt_loss
 
 QA_CONDITIONS = ("none_base", "memory_base", "memory_trained", "prompt_base", "prompt_base_chat", "none_trained", "prompt_trained")
 # none / prompt_last / prompt_all: the base model; *_trained: the trained model (its LoRA also
@@ -129,11 +129,10 @@ def lm_examples(cfg: TrainConfig, tokenizer, n: int, segments: int, seed: int) -
 def measure_lm(base, trained, examples: list[list[list[int]]], conditions, batch: int, log) -> dict:
     """Per condition: the token-weighted loss on each example's last segment, its bootstrap
     interval, and each example's (summed loss, tokens), which ``compare_lm`` pairs up."""
-    pad = base.tokenizer.pad_token_id or 0
+    pad = pad_token_id(base.tokenizer)
     res = {}
     for cond in conditions:
         lm = trained if cond.endswith("trained") else base
-        pool = TrainPool(lm.model, 0)
         rows: list[tuple[float, int]] = []
         t0 = time.perf_counter()
         for s in range(0, len(examples), batch):
@@ -141,7 +140,7 @@ def measure_lm(base, trained, examples: list[list[list[int]]], conditions, batch
             rounds = [[ex[r] for ex in part] for r in range(len(part[0]) - 1)]
             b = Batch("eval", rounds, [ex[-1] for ex in part], [1] * len(part), False, False, True, s)
             if cond.startswith("memory"):
-                sums, counts = memory_loss(lm.model, b, pool, pad, per_row=True)
+                sums, counts = memory_loss(lm.model, b, None, pad, per_row=True)  # each example into an empty pool
             elif cond.startswith("prompt_last"):  # the window truncated to the last context segment
                 sums, counts = prompt_loss(lm.model, b, pad, [ex[-2] for ex in part], per_row=True)
             elif cond.startswith("prompt_all"):

@@ -13,9 +13,10 @@ forgetting (Alg. 1)              x1, then g unrelated docs    no                
   across steps (the paper's way)   nothing: x1 was written g steps ago by the integrity rule
 qa                               the row's context            configurable      the whole pool
 
-The LM routines start from the evolving training pool (``TrainPool``); after each optimizer step
-the step's contexts are written into it without gradient (the integrity rule), so new memory
-keeps the distribution of old memory. All randomness of a micro-batch comes from its global
+The LM routines start from the evolving training pool (a ``MemoryState``, the library's pool
+type, made by ``training_pool``); after each optimizer step the step's contexts are written into
+it without gradient by ``write_contexts`` (the integrity rule), so new memory keeps the
+distribution of old memory. All randomness of a micro-batch comes from its global
 index, so a run is the same on one process, on many (DDP), and after a resume.
 """
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..memoryllm.model import MemoryLLM, update_pool
-from ..memoryllm.state import draw_keep
+from ..memoryllm.state import MemoryState, draw_keep
 from ..text import left_pad
 from .data import TrainData
 
@@ -180,9 +181,34 @@ def forgetting_across_steps(cfg, data: TrainData, rng: random.Random, index: int
 # --------------------------------------------------------------------------------------------
 
 
+def training_pool(model: MemoryLLM, seed: int) -> MemoryState:
+    """The empty pool that evolves through training: fp32 on the CPU whatever the model's
+    dtype and device (it is read onto the device per micro-batch), drops drawn from ``seed``."""
+    cfg = model.config
+    return MemoryState.empty(cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, seed=seed)
+
+
+@torch.no_grad()
+def write_contexts(model: MemoryLLM, pool: MemoryState, contexts: list[list[int]], pad: int) -> None:
+    """The integrity rule: each context, in order, one self-update of the training pool without
+    gradient. It is the library's write (``MemoryLM.inject`` of one chunk): new tokens from
+    ``new_memory_tokens`` on the pool's last K tokens, then ``MemoryState.write_update_``, whose
+    drops come from the pool's own generator; each context counts as one injection."""
+    K, dev = model.config.num_tokens, model.device
+    for ctx in contexts:
+        ids, mask = left_pad([ctx], pad, dev)
+        init = torch.tensor([pool.initialized], device=dev)
+        new, count = model.new_memory_tokens(pool.tail(K)[None].to(dev), init, ids, mask)
+        pool.last_injection_id += 1
+        new = new[0, :, K - int(count[0]) :].to(pool.memory.device)
+        pool.write_update_(new, pool.last_injection_id, model.config.drop_memory_per_layer)
+
+
 def inject(model: MemoryLLM, memory: Tensor, init: Tensor, rows: list[list[int]], gen: torch.Generator, pad: int) -> tuple[Tensor, Tensor, Tensor]:
     """One self-update of each pool in a batch (memory [B, L, N, d], logical order); gradient
-    flows when grad mode is on. Returns (updated pools, all-initialised flags, new tokens)."""
+    flows when grad mode is on. Returns (updated pools, all-initialised flags, new tokens).
+    The functional twin of ``write_contexts`` (a batch of pool copies inside a micro-batch,
+    differentiable), with the same drop rule (``draw_keep``) and tiling (``update_pool``)."""
     ids, mask = left_pad(rows, pad, memory.device)
     new, count = model.new_memory_tokens(memory, init, ids, mask)
     L, N = memory.shape[1], memory.shape[2]
@@ -191,19 +217,20 @@ def inject(model: MemoryLLM, memory: Tensor, init: Tensor, rows: list[list[int]]
     return update_pool(memory, init, new, count, keep), torch.ones_like(init), new
 
 
-def memory_loss(model: MemoryLLM, batch: Batch, pool: "TrainPool", pad: int, per_row: bool = False):
+def memory_loss(model: MemoryLLM, batch: Batch, pool: MemoryState | None, pad: int, per_row: bool = False):
     """Mean next-token loss over the batch's scored target tokens, reading memory that the
-    batch's contexts were injected into. Returns (loss, number of scored tokens); with
-    ``per_row`` (measurements) each row's summed loss [B] and its scored tokens [B] instead."""
+    batch's contexts were injected into (each row into its own copy of ``pool``, in logical
+    order; None: an empty pool). Returns (loss, number of scored tokens); with ``per_row``
+    (measurements) each row's summed loss [B] and its scored tokens [B] instead."""
     cfg, dev = model.config, model.device
     B = len(batch.targets)
     L, N, d = cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size
     gen = torch.Generator().manual_seed(batch.seed)
-    if batch.fresh_pool or not pool.initialized:
+    if batch.fresh_pool or pool is None or not pool.initialized:
         memory = torch.zeros(B, L, N, d, dtype=model.dtype, device=dev)
         init = torch.zeros(B, dtype=torch.bool, device=dev)
     else:
-        memory = pool.memory.to(dev, model.dtype)[None].expand(B, -1, -1, -1)
+        memory = pool.logical_memory().to(dev, model.dtype)[None].expand(B, -1, -1, -1)
         init = torch.ones(B, dtype=torch.bool, device=dev)
     new = None
     with torch.set_grad_enabled(batch.grad_through_injection and torch.is_grad_enabled()):
@@ -249,41 +276,15 @@ def prompt_loss(model: MemoryLLM, batch: Batch, pad: int, prompt: list[list[int]
 
 
 class RoutineModule(nn.Module):
-    """MemoryLLM behind one forward(batch, pool) -> loss, so DistributedDataParallel sees every
-    micro-batch as a single forward call (its gradient hooks are prepared there)."""
+    """MemoryLLM behind one forward(batch) -> loss, so DistributedDataParallel sees every
+    micro-batch as a single forward call (its gradient hooks are prepared there). It reads the
+    training pool it was given, which the integrity rule updates in place between steps."""
 
-    def __init__(self, model: MemoryLLM, pad: int):
+    def __init__(self, model: MemoryLLM, pool: MemoryState, pad: int):
         super().__init__()
         self.model = model
+        self.pool = pool
         self.pad = pad
 
-    def forward(self, batch: Batch, pool: "TrainPool") -> tuple[Tensor, int]:
-        return memory_loss(self.model, batch, pool, self.pad)
-
-
-class TrainPool:
-    """The single memory pool that evolves through training (logical order, oldest first)."""
-
-    def __init__(self, model: MemoryLLM, seed: int):
-        cfg = model.config
-        self.memory = torch.zeros(cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, dtype=torch.float32)
-        self.initialized = False
-        self.updates = 0
-        self.generator = torch.Generator().manual_seed(seed)
-
-    @torch.no_grad()
-    def write(self, model: MemoryLLM, contexts: list[list[int]], pad: int) -> None:
-        """The integrity rule: the step's contexts go into the pool, in order, without gradient."""
-        for ctx in contexts:
-            init = torch.tensor([self.initialized], device=model.device)
-            mem, _, _ = inject(model, self.memory.to(model.device, model.dtype)[None], init, [ctx], self.generator, pad)
-            self.memory = mem[0].float().cpu()
-            self.initialized = True
-            self.updates += 1
-
-    def state_dict(self) -> dict:
-        return {"memory": self.memory, "initialized": self.initialized, "updates": self.updates, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory, self.initialized, self.updates = state["memory"].float(), bool(state["initialized"]), int(state["updates"])
-        self.generator.set_state(state["generator"])
+    def forward(self, batch: Batch) -> tuple[Tensor, int]:
+        return memory_loss(self.model, batch, self.pool, self.pad)
