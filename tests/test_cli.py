@@ -180,6 +180,21 @@ def test_info_reports_model_sizes_and_counters(capsys, tmp_path, checkpoint):
     assert state.update_count == sum(len(lm.chunk(lm.encode(t))) for t in (TEXT, CORPUS[3]))
 
 
+def test_info_prints_what_any_design_reports(tmp_path):
+    """info is built from lm.info alone: a design without MemoryLLM's details gets the common lines."""
+    from latentmem.api import MemoryInfo
+    from latentmem.cli import _info_text
+
+    class OtherDesign:
+        def info(self, memory=None):
+            return MemoryInfo(design="larimar", model="tiny", model_id="x1", unit="memory row", capacity_units=64, used_units=3,
+                              memory_bytes=2**20, update_count=3, last_injection_id=2, details={"dtype": "float32"})
+
+    fields = {k: v.strip() for k, v in (line.split(":", 1) for line in _info_text(OtherDesign(), object(), str(tmp_path / "m")).splitlines())}
+    assert fields == {"model": "tiny", "model id": "x1", "design": "larimar", "in use": "3 of 64 memory rows", "pool size": "1.0 MiB",
+                      "memory file": f"{tmp_path / 'm'} (new)", "updates": "3   injections: 2"}
+
+
 def test_a_plain_hf_folder_reads_its_own_memory_file_in_later_commands(capsys, tmp_path, hf_folder):
     """Every command loads the model afresh: the memory parts a plain folder lacks must come out
     the same each time, or the memory file no longer matches the model."""

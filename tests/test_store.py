@@ -8,9 +8,10 @@ import threading
 
 import pytest
 import torch
-from conftest import CORPUS, tiny_lm
+from conftest import CORPUS, make_tokenizer, tiny_lm, tiny_model
 
-from latentmem.memoryllm.lm import InjectionError
+from latentmem.api import ForgetResult
+from latentmem.memoryllm.lm import InjectionError, MemoryLM
 from latentmem.memoryllm.state import NEVER_WRITTEN, MemoryState
 from latentmem.store import AlreadyExists, InvalidName, MemoryStore, NotFound, NotReplayable, StoreBusy, StoreError
 from latentmem.store.store import text_sha256
@@ -198,6 +199,73 @@ def test_forget_deletes_snapshots_that_contain_it(store):
     r = store.forget("a", 2, "exact")
     assert r.snapshots_deleted == ["two"]
     assert [s.label for s in store.snapshots("a")] == ["one"]
+
+
+class ExactForgetLM(MemoryLM):
+    """A design whose forget is exact (as LongMem's bank and Larimar's rows will be): it rebuilds
+    the memory from the texts it was given, without the forgotten ones. It keeps the texts by
+    injection id, so it serves one pool's history; enough to see the store honour the flag."""
+
+    forget_exact = True
+
+    def __init__(self):
+        super().__init__(tiny_model(), make_tokenizer(), name="tiny-exact")
+        self.texts: dict[int, tuple[str, bool]] = {}
+        self.forgotten: set[int] = set()
+
+    def inject(self, memory, text, *, allow_short=False, progress=None, injection_id=None):
+        r = super().inject(memory, text, allow_short=allow_short, progress=progress, injection_id=injection_id)
+        self.texts.setdefault(r.injection_id, (text, allow_short))
+        return r
+
+    def forget(self, memory, injection_id):
+        removed = int((self.owners(memory) == injection_id).sum())
+        self.forgotten.add(injection_id)
+        rebuilt = self.new_memory(memory.seed)
+        for i, (text, short) in sorted(self.texts.items()):
+            if i <= memory.last_injection_id and i not in self.forgotten:
+                super().inject(rebuilt, text, allow_short=short, injection_id=i)
+        version = memory.version
+        memory.assign(rebuilt)
+        memory.version = version + 1
+        return ForgetResult(injection_id, exact=True, removed_units=removed)
+
+
+def _five_injections(store):
+    store.create("a", seed=4)
+    store.inject("a", CORPUS[0])
+    store.inject("a", CORPUS[1], store_text=False)  # replay starts after injection 2 from here on
+    store.inject("a", CORPUS[2:5])  # 3, 4, 5
+    return store.info("a")
+
+
+def test_the_store_honours_a_design_whose_forget_is_exact(tmp_path, monkeypatch):
+    """forget_exact = True: either mode forgets in place, nothing is replayed, and the replay base
+    stays (rid of the injection when it holds it); an injection inside the base can be forgotten
+    exactly, which MemoryLLM (forget_exact = False, below) cannot do."""
+    lm = ExactForgetLM()
+    with MemoryStore(tmp_path / "exact", lm) as store:
+        before = _five_injections(store)
+        with monkeypatch.context() as m:
+            m.setattr(store, "_replay", lambda *a, **k: pytest.fail("the store replayed"))
+            reports = [store.forget("a", 3, "exact"), store.forget("a", 1, "exact"), store.forget("a", 5, "fast")]
+        assert [r.replayed for r in reports] == [0, 0, 0] and all(r.was_live for r in reports)
+        after = store.info("a")
+        assert (after.base_seq, after.base_reason) == (before.base_seq, "injection 2 was stored without its text")
+        assert store.memory("a").equal(reference(lm, 4, [(CORPUS[1], 2), (CORPUS[3], 4)]))
+        pool = store._pool("a", "")
+        base = store._load_state(pool["id"], pool["base_file"])
+        assert base.equal(reference(lm, 4, [(CORPUS[1], 2)]))  # injection 1 is gone from the base too
+        report = store.verify("a")
+        assert report.ok and report.replayed == 1, report  # injection 4 on top of the base
+
+    with MemoryStore(tmp_path / "replayed", tiny_lm()) as store:
+        _five_injections(store)
+        assert store.forget("a", 3, "exact").replayed == 2  # 4 and 5 again, without 3
+        with pytest.raises(NotReplayable, match="use mode='fast'"):
+            store.forget("a", 1, "exact")
+        store.forget("a", 5, "fast")
+        assert store.info("a").base_reason == "injection 5 was forgotten (fast)" and store.verify("a").ok
 
 
 def test_snapshot_diff_rollback(store):

@@ -1,4 +1,4 @@
-"""Command line: a thin shell over the library API (latentmem.lm).
+"""Command line: a thin shell over the library API (``latentmem.load`` and ``latentmem.api.MemoryModel``).
 
     memoryllm inject "Some text to remember ..."      # or --file notes.txt
     memoryllm ask "What did I tell you about ...?"
@@ -7,7 +7,8 @@
     memoryllm demo                                    # inject a passage, ask, print timings
 
 Every command works on one memory-state file (--memory, default ./memory.safetensors) and the
-embedded default model unless --model names a local folder.
+embedded default model unless --model names a local folder; --design picks the memory design.
+The commands speak only the shared interface, so every design gets the same command line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from . import DESIGNS
 
 DEFAULT_MEMORY = "memory.safetensors"
 
@@ -29,6 +32,7 @@ DEMO_QUESTION = "Who founded Zorblat Industries?"
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local folder: a Llama-family HF model or a MemoryLLM checkpoint (default: embedded SmolLM2-135M)")
+    p.add_argument("--design", default="memoryllm", choices=sorted(DESIGNS), help="memory design (default: memoryllm)")
     p.add_argument("--memory", default=DEFAULT_MEMORY, help=f"memory state file (default: ./{DEFAULT_MEMORY})")
     p.add_argument("--num-tokens", type=int, default=None, help="K, memory tokens per update (new models only)")
     p.add_argument("--num-blocks", type=int, default=None, help="N = num_blocks * K (new models only)")
@@ -47,7 +51,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memoryllm", description="Self-updatable LLM with a latent memory pool (MemoryLLM).")
+    parser = argparse.ArgumentParser(prog="memoryllm", description="Language models with a memory in their latent space (MemoryLLM).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inject", help="write text into the memory")
@@ -100,7 +104,7 @@ def _load_lm(args):
     if args.num_blocks is not None:
         kw["num_blocks"] = args.num_blocks
     t0 = time.perf_counter()
-    lm = load(args.model, **kw)
+    lm = load(args.model, design=args.design, **kw)
     return lm, time.perf_counter() - t0
 
 
@@ -141,7 +145,7 @@ def cmd_inject(args) -> int:
 def cmd_ask(args) -> int:
     lm, _ = _load_lm(args)
     mem = _open_memory(lm, args.memory)
-    if not mem.initialized:
+    if lm.info(mem).used_units == 0:
         print("note: the memory is empty; answering from the base model alone", file=sys.stderr)
     chat = False if args.no_chat else None
     if args.stream:
@@ -185,23 +189,47 @@ def cmd_chat(args) -> int:
     return 0
 
 
+# What `info` prints, filled from lm.info(memory): its fields plus the design's details. Each line
+# lists templates in order of preference; the first whose facts the design reports is printed,
+# and a line with none (e.g. MemoryLLM's chunk limits under another design) is left out.
+INFO_LINES = [
+    ("model", "{model} ({parameters_m:.1f}M parameters, {dtype}, {device})", "{model}"),
+    ("model id", "{model_id}"),
+    ("design", "{design}"),
+    ("layers L", "{layers}   hidden d: {hidden_size}"),
+    ("memory N", "{N} tokens per layer ({num_blocks} blocks x K={K})"),
+    ("in use", "{used_units} of {capacity_units} {unit}s"),
+    ("pool size", "{memory_mib:.1f} MiB ({memory_values_m:.1f}M values)", "{memory_mib:.1f} MiB"),
+    ("memory file", "{file}"),
+    ("initialized", "{initialized}"),
+    ("updates", "{update_count}   injections: {last_injection_id}"),
+    ("chunk limits", "{min_inject_tokens}..{max_inject_tokens} tokens per update"),
+]
+
+
+def _facts(lm, mem, **extra) -> dict:
+    """lm.info(mem) as one flat dict (fields, details, a few derived sizes) for the templates."""
+    info = lm.info(mem)
+    facts = {**info.to_dict(), **info.details, "memory_mib": info.memory_bytes / 2**20, **extra}
+    for key in ("parameters", "memory_values"):
+        if key in facts:
+            facts[f"{key}_m"] = facts[key] / 1e6
+    return facts
+
+
+def _fill(facts: dict, *templates: str) -> str | None:
+    for t in templates:
+        try:
+            return t.format_map(facts)
+        except KeyError:  # a fact this design does not report
+            continue
+    return None
+
+
 def _info_text(lm, mem, path) -> str:
-    c = lm.config
-    pool_mb = mem.memory.numel() * mem.memory.element_size() / 2**20
-    params = sum(p.numel() for p in lm.model.parameters())
-    return "\n".join(
-        [
-            f"model:          {lm.name} ({params / 1e6:.1f}M parameters, {lm.model.dtype}, {lm.model.device})",
-            f"model id:       {lm.model_id}",
-            f"layers L:       {c.num_hidden_layers}   hidden d: {c.hidden_size}",
-            f"memory N:       {c.num_memory_tokens} tokens per layer ({c.num_blocks} blocks x K={c.num_tokens})",
-            f"pool size:      {pool_mb:.1f} MiB ({mem.memory.numel() / 1e6:.1f}M values)",
-            f"memory file:    {path} ({'exists' if path and Path(path).exists() else 'new'})",
-            f"initialized:    {mem.initialized}",
-            f"updates:        {mem.update_count}   injections: {mem.last_injection_id}",
-            f"chunk limits:   {c.min_inject_tokens}..{c.max_inject_tokens} tokens per update",
-        ]
-    )
+    facts = _facts(lm, mem, file=f"{path} ({'exists' if path and Path(path).exists() else 'new'})")
+    lines = ((label, _fill(facts, *templates)) for label, *templates in INFO_LINES)
+    return "\n".join(f"{label + ':':<16}{text}" for label, text in lines if text is not None)
 
 
 def cmd_info(args) -> int:
@@ -224,7 +252,7 @@ def cmd_demo(args) -> int:
     r = lm.inject(mem, DEMO_PASSAGE)
     ans = lm.generate(mem, prompt, chat=chat, **sampling)
     print(f"model:     {lm.name} (loaded in {load_s:.1f} s)")
-    print(f"memory:    N={lm.config.num_memory_tokens}, K={lm.config.num_tokens}, {lm.config.num_hidden_layers} layers")
+    print(f"memory:    {_fill(_facts(lm, mem), 'N={N}, K={K}, {layers} layers', '{capacity_units} {unit}s')}")
     print(f"injected:  {r.num_tokens} tokens in {r.seconds * 1000:.0f} ms")
     print(f"question:  {DEMO_QUESTION}")
     print(f"no memory: {base.text.strip()!r}")
@@ -238,11 +266,11 @@ COMMANDS = {"inject": cmd_inject, "ask": cmd_ask, "chat": cmd_chat, "info": cmd_
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .api import MemoryFormatError as MemoryStateError
+    from .api import MemoryFormatError
 
     try:
         return (getattr(args, "handler", None) or COMMANDS[args.command])(args)
-    except (ValueError, OSError, MemoryStateError) as e:  # OSError: unreadable or unwritable files
+    except (ValueError, OSError, MemoryFormatError) as e:  # OSError: unreadable or unwritable files
         print(f"memoryllm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -2,7 +2,10 @@
 
     store.py    MemoryStore: named memories per tenant, SQLite ledger, snapshots/rollback,
                 replay + verify, forgetting, export/import; crash-safe writes
-    service.py  the HTTP service over the store: API keys, tenants, batched generation
+    service.py  the HTTP service over the store: API keys, batched generation, metrics, limits,
+                create_app, the serve / verify / keys commands
+    app.py      the FastAPI app (serve extra): request bodies, tenant and name dependencies,
+                routers, error statuses
 """
 
 from .store import (

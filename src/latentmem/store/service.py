@@ -9,12 +9,14 @@
 
 Injections into one pool are serialised by the store; generations for different pools that
 arrive within ``batch_wait_ms`` of each other go through the model together
-(``MemoryLM.generate_batch``). Another tenant's memory answers 404, exactly like a missing one.
+(``MemoryModel.generate_batch``). Another tenant's memory answers 404, exactly like a missing one.
+
+This module holds what needs no web framework (keys, batching, metrics, the body limit, the
+settings, the ``serve`` / ``verify`` / ``keys`` commands); ``app.py`` builds the FastAPI app
+behind ``create_app``.
 """
 
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -22,18 +24,16 @@ import queue
 import secrets
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
-from .store import FORGET_MODES, NAME_RE, AlreadyExists, InvalidName, MemoryStore, NotFound, NotReplayable, StoreError, check_name
+from ..api import Memory, MemoryModel
+from .store import MemoryStore, NotFound, StoreError, check_name
 
-NAME_PATTERN = f"^{NAME_RE.pattern}$"
 KEY_PREFIX = "mlk"
 
 
@@ -86,11 +86,6 @@ class KeyStore:
         self._db.close()
 
 
-def _public(info) -> dict:
-    """A pool's facts without its tenant (the caller's own, by construction)."""
-    return {k: v for k, v in asdict(info).items() if k != "tenant"}
-
-
 def _sha256(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
 
@@ -100,7 +95,7 @@ def _sha256(s: str) -> str:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class _Job:
-    state: object
+    state: Memory | None
     prompt: object
     params: dict
     future: Future
@@ -113,7 +108,7 @@ class GenerateBatcher:
     Seeded sampling is never batched with others: its random draws would depend on what it was
     batched with. A batch that fails is retried row by row, so one bad request fails alone."""
 
-    def __init__(self, lm, max_batch: int = 8, max_wait_s: float = 0.005, on_batch=None):
+    def __init__(self, lm: MemoryModel, max_batch: int = 8, max_wait_s: float = 0.005, on_batch=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.lm, self.max_batch, self.max_wait_s, self.on_batch = lm, max_batch, max_wait_s, on_batch
@@ -121,7 +116,7 @@ class GenerateBatcher:
         self._thread = threading.Thread(target=self._loop, name="generate-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, state, prompt, **params) -> Future:
+    def submit(self, state: Memory | None, prompt, **params) -> Future:
         fut: Future = Future()
         self._q.put(_Job(state, prompt, params, fut))
         return fut
@@ -240,7 +235,7 @@ async def _too_large(send, size: int, limit: int, at_least: bool = False) -> Non
 
 
 # ---------------------------------------------------------------------------------------------
-# The app
+# Limits, and the app (built in app.py)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ServiceSettings:
@@ -254,213 +249,23 @@ class ServiceSettings:
 
 
 def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: ServiceSettings | None = None):
-    from fastapi import Depends, FastAPI, HTTPException, Query, Request
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
-    from starlette.background import BackgroundTask
+    """The FastAPI app over ``store`` (the ``serve`` extra): its bodies, dependencies, routers
+    and error statuses are in ``app.py``; keys default to ``<store.dir>/keys.db``."""
+    from .app import build_app
 
-    from ..api import InjectionError
-    from ..api import MemoryFormatError as MemoryStateError
-
-    settings = settings or ServiceSettings()
-    keys = keys or KeyStore(store.dir)
-    metrics = Metrics()
-    batcher = GenerateBatcher(store.lm, settings.max_batch, settings.batch_wait_ms / 1000, on_batch=lambda n: (metrics.inc("latentmem_generate_batches_total"), metrics.inc("latentmem_generate_batched_rows_total", n)))
-
-    class Strict(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    class CreateMemory(Strict):
-        name: str = Field(pattern=NAME_PATTERN, description="1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'")
-        seed: int | None = Field(None, ge=0, lt=2**63, description="seed of the drop generator (random when omitted)")
-
-    class InjectRequest(Strict):
-        text: str | None = Field(None, min_length=1, description="one text (or use texts)")
-        texts: list[str] | None = Field(None, min_length=1, max_length=settings.max_texts, description="several texts, injected in order, committed together")
-        source: str = Field("", max_length=256)
-        store_text: bool = Field(True, description="false: the ledger keeps only hash and token count (no replay across it)")
-        allow_short: bool = False
-
-        @model_validator(mode="after")
-        def one_of(self):
-            if (self.text is None) == (self.texts is None):
-                raise ValueError("give exactly one of 'text' or 'texts'")
-            if self.texts is not None and any(not t for t in self.texts):
-                raise ValueError("texts must be non-empty strings")
-            return self
-
-    class GenerateRequest(Strict):
-        prompt: str = Field(min_length=1, max_length=100_000)
-        max_new_tokens: int = Field(64, ge=1, le=settings.max_new_tokens)
-        temperature: float = Field(0.0, ge=0, le=10)
-        top_p: float = Field(1.0, gt=0, le=1)
-        top_k: int = Field(0, ge=0, le=100_000)
-        seed: int | None = Field(None, ge=0, lt=2**63)
-        stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=16)
-        chat: bool | None = Field(None, description="apply the chat template (default: when the tokenizer has one)")
-        stream: bool = Field(False, description="server-sent events: 'data: {\"text\": ...}' per piece, then 'event: done'")
-
-        def sampling(self) -> dict:
-            return self.model_dump(exclude={"prompt", "stream"})
-
-    class SnapshotRequest(Strict):
-        label: str = Field(pattern=NAME_PATTERN)
-
-    class ForgetRequest(Strict):
-        injection_id: int = Field(ge=1)
-        mode: str = Field("fast", pattern="^(" + "|".join(FORGET_MODES) + ")$", description="fast: reset its slots; exact: replay without it")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        batcher.close()
-
-    app = FastAPI(title="memoryllm", version="1", lifespan=lifespan, description="Per-tenant self-updating memories (MemoryLLM): inject, generate, versions, forgetting.")
-    app.state.store, app.state.keys, app.state.batcher, app.state.metrics = store, keys, batcher, metrics
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, import_max_bytes=settings.max_import_bytes)
-    bearer = HTTPBearer(auto_error=False)
-
-    def tenant(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        t = keys.tenant(creds.credentials) if creds else None
-        if t is None:
-            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
-        return t
-
-    def pool_name(name: str) -> str:
-        check_name(name)
-        return name
-
-    for exc, status in ((InvalidName, 422), (NotFound, 404), (AlreadyExists, 409), (NotReplayable, 409), (InjectionError, 422), (StoreError, 400), (MemoryStateError, 500), (ValueError, 422)):
-        app.add_exception_handler(exc, lambda request, e, status=status: JSONResponse({"detail": str(e)}, status_code=status))
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.inc("latentmem_requests_total", method=request.method, route=path, status=response.status_code)
-        metrics.inc("latentmem_request_seconds_total", time.perf_counter() - t0, method=request.method, route=path)
-        return response
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "model": store.lm.name, "model_id": store.lm.model_id}
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def get_metrics():
-        return metrics.render({"latentmem_batch_max": settings.max_batch})
-
-    @app.post("/v1/memories", status_code=201)
-    def create_memory(req: CreateMemory, t: str = Depends(tenant)):
-        if len(store.names(tenant=t)) >= settings.max_pools_per_tenant:
-            raise HTTPException(403, f"quota: at most {settings.max_pools_per_tenant} memories per tenant; delete one first")
-        return _public(store.create(req.name, seed=req.seed, tenant=t))
-
-    @app.get("/v1/memories")
-    def list_memories(t: str = Depends(tenant)):
-        return {"memories": [_public(p) for p in store.list(tenant=t)]}
-
-    @app.get("/v1/memories/{name}")
-    def get_memory(name: str = Depends(pool_name), t: str = Depends(tenant)):
-        return _public(store.info(name, tenant=t))
-
-    @app.delete("/v1/memories/{name}", status_code=204)
-    def delete_memory(name: str = Depends(pool_name), t: str = Depends(tenant)):
-        store.delete(name, tenant=t)
-        return Response(status_code=204)
-
-    @app.post("/v1/memories/{name}/inject")
-    def inject(req: InjectRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
-        texts = req.texts if req.texts is not None else [req.text]
-        entries = store.inject(name, texts, source=req.source, store_text=req.store_text, allow_short=req.allow_short, tenant=t)
-        metrics.inc("latentmem_injections_total", len(entries))
-        return {"injections": [e.to_dict(include_text=False) for e in entries]}
-
-    @app.post("/v1/memories/{name}/generate")
-    async def generate(req: GenerateRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
-        state = await asyncio.to_thread(store.memory, name, tenant=t)  # 404 before anything starts; may read a file
-        if req.stream:
-            def events():
-                try:
-                    for piece in store.lm.stream(state, req.prompt, **req.sampling()):
-                        yield f"data: {json.dumps({'text': piece})}\n\n"
-                    yield "event: done\ndata: {}\n\n"
-                except Exception as e:  # headers are sent: report in-band
-                    yield f"event: error\ndata: {json.dumps({'detail': str(e)})}\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            g = await asyncio.wrap_future(batcher.submit(state, req.prompt, **req.sampling()))
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from e
-        metrics.inc("latentmem_generated_tokens_total", len(g.token_ids))
-        return {"text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids)}
-
-    @app.get("/v1/memories/{name}/ledger")
-    def ledger(name: str = Depends(pool_name), t: str = Depends(tenant), include_text: bool = False):
-        return {"entries": [e.to_dict(include_text) for e in store.history(name, tenant=t)]}
-
-    @app.post("/v1/memories/{name}/snapshots", status_code=201)
-    def snapshot(req: SnapshotRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
-        return asdict(store.snapshot(name, req.label, tenant=t))
-
-    @app.get("/v1/memories/{name}/snapshots")
-    def snapshots(name: str = Depends(pool_name), t: str = Depends(tenant)):
-        return {"snapshots": [asdict(s) for s in store.snapshots(name, tenant=t)]}
-
-    @app.delete("/v1/memories/{name}/snapshots/{label}", status_code=204)
-    def delete_snapshot(label: str, name: str = Depends(pool_name), t: str = Depends(tenant)):
-        store.delete_snapshot(name, label, tenant=t)
-        return Response(status_code=204)
-
-    @app.post("/v1/memories/{name}/rollback")
-    def rollback(req: SnapshotRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
-        return asdict(store.rollback(name, req.label, tenant=t))
-
-    @app.post("/v1/memories/{name}/forget")
-    def forget(req: ForgetRequest, name: str = Depends(pool_name), t: str = Depends(tenant)):
-        return asdict(store.forget(name, req.injection_id, req.mode, tenant=t))
-
-    @app.get("/v1/memories/{name}/diff")
-    def diff(name: str = Depends(pool_name), t: str = Depends(tenant), a: str | None = Query(None, alias="from"), b: str | None = Query(None, alias="to")):
-        return store.diff(name, a, b, tenant=t)
-
-    @app.get("/v1/memories/{name}/verify")
-    def verify(name: str = Depends(pool_name), t: str = Depends(tenant)):
-        return asdict(store.verify(name, tenant=t))
-
-    @app.get("/v1/memories/{name}/export", response_class=FileResponse)
-    def export(name: str = Depends(pool_name), t: str = Depends(tenant)):
-        fd, path = tempfile.mkstemp(suffix=".zip", dir=store.dir)
-        os.close(fd)
-        store.export(name, path, tenant=t)
-        return FileResponse(path, media_type="application/zip", filename=f"{name}.memory.zip", background=BackgroundTask(os.unlink, path))
-
-    @app.put("/v1/memories/{name}/import", status_code=201)
-    async def import_(request: Request, name: str = Depends(pool_name), t: str = Depends(tenant)):
-        """Body: a file made by export (application/zip)."""
-        fd, path = tempfile.mkstemp(suffix=".zip", dir=store.dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in request.stream():
-                    f.write(chunk)
-            info = await asyncio.to_thread(store.import_file, path, name, tenant=t)
-        finally:
-            os.unlink(path)
-        return _public(info)
-
-    return app
+    return build_app(store, keys or KeyStore(store.dir), settings or ServiceSettings())
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI: memoryllm serve / memoryllm keys ...
 # ---------------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
+    from .. import DESIGNS
+
     p = subparsers.add_parser("serve", help="HTTP service: per-tenant memories (FastAPI + uvicorn)")
     p.add_argument("--data", required=True, help="data directory (pools, ledger, keys)")
     p.add_argument("--model", default=None, help="local model folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--design", default="memoryllm", choices=sorted(DESIGNS), help="memory design (default: memoryllm)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1")
@@ -479,6 +284,7 @@ def add_parser(subparsers) -> None:
     v.add_argument("--tenant", default=None, help="only this tenant's memories (default: all)")
     v.add_argument("names", nargs="*", help="memory names (default: all)")
     v.add_argument("--model", default=None)
+    v.add_argument("--design", default="memoryllm", choices=sorted(DESIGNS))
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     v.set_defaults(handler=cmd_verify)
 
@@ -525,7 +331,7 @@ def cmd_verify(args) -> int:
 
     from .. import load
 
-    lm = load(args.model, dtype=getattr(torch, args.dtype))
+    lm = load(args.model, design=args.design, dtype=getattr(torch, args.dtype))
     bad = 0
     with MemoryStore(args.data, lm) as store:
         tenants = [args.tenant] if args.tenant is not None else store.tenants()
@@ -545,7 +351,7 @@ def cmd_serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    lm = load(args.model, design=args.design, dtype=getattr(torch, args.dtype), device=args.device)
     settings = ServiceSettings(max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                                max_pools_per_tenant=args.max_pools_per_tenant)
     with MemoryStore(args.data, lm) as store:

@@ -1,4 +1,4 @@
-"""Named memory pools on disk for one base model: a ledger, versions, replay and forgetting.
+"""Named memories on disk for one model of any design: a ledger, versions, replay and forgetting.
 
     store = MemoryStore("data/", lm)
     store.create("alice")
@@ -11,7 +11,7 @@
 Layout under ``data_dir``::
 
     store.db                  SQLite (WAL): pools, the ledger of every pool, snapshots
-    pools/<pool id>/<uuid>.safetensors   immutable state files (MemoryState.save)
+    pools/<pool id>/<uuid>.safetensors   immutable state files (Memory.save)
 
 State files are never modified once written: an operation writes the new state under a new
 name, then one DB transaction points the pool at it (the commit is the linearisation point),
@@ -21,10 +21,15 @@ open) deletes the orphans. Snapshots, rollback and replay bases are rows referen
 they cost no copy. Pool names never reach the filesystem (directories are numbered).
 
 Replay: the ledger's live injections (with their texts and ids), applied in order to the pool's
-*replay base*, give the live pool bit for bit (the drop generator is part of the state). The
-base is the creation state until something makes the earlier history unreplayable: an
-injection stored without its text, a fast forget, or an import; then the state right after that
-event becomes the base and ``verify`` says why it starts there.
+*replay base*, give the live pool bit for bit (a memory holds everything its future depends on,
+MemoryLLM's drop generator included). The base is the creation state until something makes the
+earlier history unreplayable: an injection stored without its text, a fast forget by a design
+whose forget is not exact, or an import; then the state right after that event becomes the base
+and ``verify`` says why it starts there.
+
+The store meets the model only through ``latentmem.api.MemoryModel`` (new_memory, load_memory,
+inject, forget, owners, diff, differences, forget_exact) and memories through ``Memory``
+(clone, save, counters), so every design gets the same ledger, versions and forgetting.
 """
 
 from __future__ import annotations
@@ -49,8 +54,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..api import Memory as MemoryState  # any design's memory object
-from ..api import MemoryFormatError as MemoryStateError
+from ..api import Memory, MemoryFormatError, MemoryModel
 from ..files import atomic_write, fsync_dir
 
 # Names are identifiers, never paths: letters, digits, '_', '-', '.', not starting with '.' or '-'.
@@ -213,7 +217,7 @@ class MemoryStore:
     directory (a second one gets StoreBusy). Every method takes ``tenant`` (keyword): pools of
     different tenants live in separate namespaces and one never sees the other's."""
 
-    def __init__(self, data_dir: str | os.PathLike, lm, *, max_cached_pools: int = 8):
+    def __init__(self, data_dir: str | os.PathLike, lm: MemoryModel, *, max_cached_pools: int = 8):
         from filelock import FileLock, Timeout
 
         self.dir = Path(data_dir)
@@ -236,7 +240,7 @@ class MemoryStore:
         self._db.executescript(SCHEMA)
         self._db_lock = threading.RLock()  # one connection shared by threads
         self._pool_locks: dict[int, threading.Lock] = {}
-        self._live: OrderedDict[str, MemoryState] = OrderedDict()  # state file -> loaded state (LRU)
+        self._live: OrderedDict[str, Memory] = OrderedDict()  # state file -> loaded state (LRU)
         self._max_cached = max_cached_pools
         self.recover()
 
@@ -255,12 +259,12 @@ class MemoryStore:
     def _pool_dir(self, pool_id: int) -> Path:
         return self.dir / "pools" / str(pool_id)
 
-    def _write_state(self, pool_id: int, state: MemoryState) -> str:
+    def _write_state(self, pool_id: int, state: Memory) -> str:
         name = f"{uuid.uuid4().hex}.safetensors"
         state.save(self._pool_dir(pool_id) / name)  # temp + fsync + rename + fsync(dir)
         return name
 
-    def _stage(self, state: MemoryState) -> Path:
+    def _stage(self, state: Memory) -> Path:
         """Write a new pool's state before its row exists (the slow part, outside the DB lock)."""
         path = self.dir / STAGING / f"{uuid.uuid4().hex}.safetensors"
         state.save(path)
@@ -279,7 +283,7 @@ class MemoryStore:
         fsync_dir(d)  # the rename must be on disk before the commit that names it
         return staged.name
 
-    def _load_state(self, pool_id: int, file: str) -> MemoryState:
+    def _load_state(self, pool_id: int, file: str) -> Memory:
         key = f"{pool_id}/{file}"
         with self._db_lock:
             state = self._live.get(key)
@@ -290,7 +294,7 @@ class MemoryStore:
         self._remember(pool_id, file, state)
         return state
 
-    def _remember(self, pool_id: int, file: str, state: MemoryState) -> None:
+    def _remember(self, pool_id: int, file: str, state: Memory) -> None:
         """Keep a state in the LRU of loaded states (keyed by file: a new version never collides)."""
         with self._db_lock:
             self._live[f"{pool_id}/{file}"] = state
@@ -428,7 +432,9 @@ class MemoryStore:
         return PoolInfo(row["name"], row["tenant"], row["seed"], row["model_id"], row["created_at"], live, self._update_count(row), snaps, row["base_seq"], row["base_reason"])
 
     def _update_count(self, row: sqlite3.Row) -> int:
-        """From the loaded state, or else the state file's header (listing must not load pools)."""
+        """From the loaded state, or else the state file's header when the design writes its
+        counters there as safetensors metadata (MemoryLLM does: listing must not load pools),
+        or else by loading the file."""
         state = self._live.get(f"{row['id']}/{row['state_file']}")
         if state is not None:
             return state.update_count
@@ -436,11 +442,14 @@ class MemoryStore:
 
         try:
             with safe_open(str(self._pool_dir(row["id"]) / row["state_file"]), "pt") as f:
-                return int((f.metadata() or {}).get("update_count", 0))
-        except (OSError, SafetensorError):  # replaced by a commit since the row was read
-            with self._db_lock:
-                row = self._db.execute("SELECT * FROM pools WHERE id=?", (row["id"],)).fetchone()
-            return self._load_state(row["id"], row["state_file"]).update_count if row else 0
+                count = (f.metadata() or {}).get("update_count")
+            if count is not None:
+                return int(count)
+        except (OSError, SafetensorError, ValueError):  # replaced by a commit since the row was read, or another format
+            pass
+        with self._db_lock:
+            row = self._db.execute("SELECT * FROM pools WHERE id=?", (row["id"],)).fetchone()
+        return self._load_state(row["id"], row["state_file"]).update_count if row else 0
 
     def list(self, *, tenant: str = "") -> list[PoolInfo]:
         with self._db_lock:
@@ -465,13 +474,13 @@ class MemoryStore:
                     del self._live[key]
             shutil.rmtree(self._pool_dir(pool["id"]), ignore_errors=True)
 
-    def memory(self, name: str, *, tenant: str = "") -> MemoryState:
+    def memory(self, name: str, *, tenant: str = "") -> Memory:
         """The live pool (shared: read it, do not write it; injections replace it, never mutate it)."""
         for _ in range(3):
             row = self._pool(name, tenant)
             try:
                 return self._load_state(row["id"], row["state_file"])
-            except MemoryStateError:
+            except MemoryFormatError:
                 # an injection may have committed and deleted this file since we read the row
                 if (self._pool_dir(row["id"]) / row["state_file"]).exists():
                     raise
@@ -595,7 +604,7 @@ class MemoryStore:
         return {"from": a or "live", "to": b or "live", "changed_slots": d.pop("changed_units"), **d}
 
     # ------------------------------------------------------------------ replay and verify
-    def _replay(self, pool_id: int, base_file: str, rows: Sequence[sqlite3.Row], skip: int | None = None) -> tuple[MemoryState, int]:
+    def _replay(self, pool_id: int, base_file: str, rows: Sequence[sqlite3.Row], skip: int | None = None) -> tuple[Memory, int]:
         state = self._load_state(pool_id, base_file).clone()
         n = 0
         for r in rows:
@@ -607,7 +616,7 @@ class MemoryStore:
             n += 1
         return state, n
 
-    def replay(self, name: str, *, tenant: str = "") -> MemoryState:
+    def replay(self, name: str, *, tenant: str = "") -> Memory:
         """The pool rebuilt from its replay base and the ledger's live injections."""
         pool = self._pool(name, tenant)
         return self._replay(pool["id"], pool["base_file"], self._live_rows(pool["id"], pool["base_seq"]))[0]
@@ -622,7 +631,7 @@ class MemoryStore:
             try:
                 live = self._load_state(pool["id"], pool["state_file"])
                 rebuilt, n = self._replay(pool["id"], pool["base_file"], rows)
-            except (MemoryStateError, NotReplayable) as e:
+            except (MemoryFormatError, NotReplayable) as e:
                 return VerifyReport(False, 0, pool["base_seq"], pool["base_reason"], f"cannot replay: {e}", [str(e)])
         bad += self.lm.differences(live, rebuilt)
         ok = not bad
@@ -633,9 +642,13 @@ class MemoryStore:
     def forget(self, name: str, injection_id: int, mode: str = "fast", *, tenant: str = "") -> ForgetReport:
         """Remove one injection from the pool and erase its text from the ledger.
 
-        fast:  every slot whose provenance is this injection is reset (zeroed, marked never
-               written). Later injections read those slots while they were written, so traces
-               of it may remain in *their* slots.
+        A design whose ``forget`` is exact (``lm.forget_exact``) forgets in place in either mode:
+        the pool then equals one that never received the injection, so nothing is replayed and
+        the replay base stays where it is (rid of the injection too when it holds it). Otherwise:
+
+        fast:  the design's ``forget`` (MemoryLLM: every slot the injection wrote is reset).
+               Later injections read its slots while they were written, so traces of it may
+               remain in *theirs*; replay starts after this forget.
         exact: the pool is rebuilt by replaying the ledger without it, which needs the text of
                every live injection after the replay base (NotReplayable otherwise).
         Either way the ledger keeps only hash, token count and deletion time, and snapshots
@@ -651,22 +664,33 @@ class MemoryStore:
             if target["status"] == "forgotten":
                 raise NotFound(f"injection {injection_id} of memory {name!r} was already forgotten")
             doomed = [s["label"] for s in snaps if injection_id in json.loads(s["injections"])]
-            was_live = target["status"] == "live"
+            was_live = target["status"] == "live"  # a rolled-back injection is in no live state or base
             live = self._load_state(pool["id"], pool["state_file"])
             slots = int((self.lm.owners(live) == injection_id).sum())
-            new_state, base, replayed = None, {}, 0
-            # a design whose own forget is exact needs no replay; otherwise "exact" replays the rest
-            if was_live and mode == "exact" and not self.lm.forget_exact:
-                if target["seq"] <= pool["base_seq"]:
+            new_state, new_base, replayed = None, None, 0
+            in_base = target["seq"] <= pool["base_seq"]  # the base holds every live injection up to base_seq
+            if was_live and self.lm.forget_exact:
+                new_state = self._without(live, injection_id)
+                if in_base:
+                    same = pool["base_file"] == pool["state_file"]
+                    new_base = new_state if same else self._without(self._load_state(pool["id"], pool["base_file"]), injection_id)
+            elif was_live and mode == "exact":
+                if in_base:
                     raise NotReplayable(
                         f"exact forget of injection {injection_id} needs a replay from before it, but replay starts at seq "
                         f"{pool['base_seq']} ({pool['base_reason']}); use mode='fast'"
                     )
                 new_state, replayed = self._replay(pool["id"], pool["base_file"], self._live_rows(pool["id"], pool["base_seq"]), skip=injection_id)
             elif was_live:
-                new_state = live.clone()
-                self.lm.forget(new_state, injection_id)
+                new_state = self._without(live, injection_id)
             file = self._write_state(pool["id"], new_state) if new_state is not None else None
+            base_file = file if new_base is new_state else None
+            if new_base is not None and base_file is None:
+                try:
+                    base_file = self._write_state(pool["id"], new_base)
+                except BaseException:
+                    (self._pool_dir(pool["id"]) / file).unlink(missing_ok=True)
+                    raise
             now = time.time()
             with self._db_lock, self._db:
                 self._db.execute(
@@ -675,9 +699,11 @@ class MemoryStore:
                 )
                 seq = self._event(pool, "forget", now, injection_id=injection_id, detail=json.dumps({"mode": mode, "snapshots_deleted": doomed}))
                 if file is not None:
-                    if mode == "fast" and not self.lm.forget_exact:  # not recomputable from texts: replay starts here
-                        base = {"base_file": file, "base_seq": seq, "base_reason": f"injection {injection_id} was forgotten (fast)"}
-                    sets = {"state_file": file, **base}
+                    sets = {"state_file": file}
+                    if base_file is not None:
+                        sets["base_file"] = base_file
+                    elif mode == "fast" and not self.lm.forget_exact:  # not recomputable from texts: replay starts here
+                        sets |= {"base_file": file, "base_seq": seq, "base_reason": f"injection {injection_id} was forgotten (fast)"}
                     self._db.execute(f"UPDATE pools SET {','.join(f'{k}=?' for k in sets)} WHERE id=?", (*sets.values(), pool["id"]))
                 if doomed:
                     self._db.execute(f"DELETE FROM snapshots WHERE pool_id=? AND label IN ({','.join('?' * len(doomed))})", (pool["id"], *doomed))
@@ -685,8 +711,16 @@ class MemoryStore:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             if file is not None:
                 self._remember(pool["id"], file, new_state)
+            if base_file is not None and base_file != file:
+                self._remember(pool["id"], base_file, new_base)
             self._collect(pool["id"])
         return ForgetReport(injection_id, mode, slots, replayed, doomed, was_live)
+
+    def _without(self, state: Memory, injection_id: int) -> Memory:
+        """A copy of ``state`` with the injection forgotten by the design (``state`` is shared)."""
+        copy = state.clone()
+        self.lm.forget(copy, injection_id)
+        return copy
 
     # ------------------------------------------------------------------ export / import
     def export(self, name: str, path: str | os.PathLike, *, tenant: str = "") -> Path:
