@@ -16,6 +16,11 @@ Every part prints a table whose ratios compare against a baseline measured in th
 (e) separate write/read LoRA adapters (rank 8 on q/k/v/o/gate/up/down): decode tokens/s and
     injection time with both adapters as peft branches, and with the reader merged into the
     weights (the default on load), against the plain base model.
+
+Everything is measured through the shared interface (``latentmem.api.MemoryModel``: ``inject``'s
+``InjectResult.seconds``, ``generate``'s ``Generation`` timings, sizes from ``info``); the one
+set-up that only exists inside MemoryLLM, attaching random adapters for (e), is
+``latentmem.memoryllm.bench.with_random_adapters``. The N and K knobs are MemoryLLM's load options.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+import latentmem
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 QUESTION = "Summarise the text above in one sentence."
@@ -49,12 +56,16 @@ def corpus_tokens(tokenizer, n: int) -> list[int]:
     raise RuntimeError(f"not enough text in {DATA} for {n} tokens")
 
 
+def corpus_text(lm, n: int) -> str:
+    """About n tokens of real text (decoding and encoding again may move the count by a token)."""
+    return lm.tokenizer.decode(corpus_tokens(lm.tokenizer, n))
+
+
 def filled_memory(lm, seed: int = 0):
-    """A pool that looks used: random rows at the scale of real hidden states, initialised."""
+    """A written memory: one injection of real text (MemoryLLM tiles an empty pool with its new
+    tokens, so every slot then holds real hidden states and later writes take the drop path)."""
     state = lm.new_memory(seed)
-    g = torch.Generator().manual_seed(seed)
-    state.memory.copy_(torch.randn(state.memory.shape, generator=g) * 0.5)
-    state.initialized = True
+    lm.inject(state, corpus_text(lm, 256), allow_short=True, progress=False)
     return state
 
 
@@ -81,26 +92,25 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 # (a) injection time vs N
 # ---------------------------------------------------------------------------------------------
 def bench_inject(sizes: list[int], k: int, context: int, repeats: int) -> None:
-    from latentmem.memoryllm import load
-
     # One model per N, timed round-robin (N1, N2, ..., N1, N2, ...) so a burst of load from other
     # processes hits every size alike instead of skewing one of them.
     updates = []
     for n in sizes:
-        lm = load(num_tokens=k, num_blocks=n // k)
+        lm = latentmem.load(num_tokens=k, num_blocks=n // k)
         state = filled_memory(lm)
-        text_ids = corpus_tokens(lm.tokenizer, context)
-        updates.append(lambda lm=lm, state=state, ids=text_ids: lm._update([state], [ids], [state.last_injection_id + 1]))
+        text = corpus_text(lm, context)  # one chunk: one self-update per inject
+        updates.append(lambda lm=lm, state=state, text=text: lm.inject(state, text, allow_short=True, progress=False))
     times: list[list[float]] = [[] for _ in sizes]
-    with torch.no_grad():  # as inject runs it
-        for u in updates:
-            u()  # warm-up
-        for _ in range(repeats):
-            for i, u in enumerate(updates):
-                t0 = time.perf_counter()
-                u()
-                times[i].append(time.perf_counter() - t0)
-    rows = [[n, k, context, statistics.median(t) * 1000, min(t) * 1000] for n, t in zip(sizes, times)]
+    tokens = [0] * len(sizes)
+    for u in updates:
+        u()  # warm-up
+    for _ in range(repeats):
+        for i, u in enumerate(updates):
+            r = u()
+            # InjectResult.seconds: the writes alone (tokenising and validation excluded)
+            times[i].append(r.seconds / r.num_chunks)
+            tokens[i] = r.num_tokens
+    rows = [[n, k, tok, statistics.median(t) * 1000, min(t) * 1000] for n, tok, t in zip(sizes, tokens, times)]
     del updates
     gc.collect()
     for r in rows:
@@ -132,23 +142,24 @@ class _StepTimes:
 def bench_decode(sizes: list[int], new_tokens: int, repeats: int) -> None:
     from transformers import DynamicCache, LlamaForCausalLM
 
-    from latentmem.generate import SamplingParams, decode
-    from latentmem.memoryllm import load
     from latentmem.loading import default_model_dir
 
     hf = LlamaForCausalLM.from_pretrained(default_model_dir(), torch_dtype=torch.float32).eval()
     rows = []
+    early = []
     for n in sizes:
-        lm = load(num_tokens=min(256, n), num_blocks=max(1, n // 256))
+        lm = latentmem.load(num_tokens=min(256, n), num_blocks=max(1, n // 256))
         prompt = torch.tensor([corpus_tokens(lm.tokenizer, 32)])
+        prompt_text = lm.tokenizer.decode(prompt[0].tolist())
         state = filled_memory(lm)
-        prefix = lm.prefix([state])  # computed once per memory version, as in generate
 
         def ours() -> float:
-            times = []
-            for _ in decode(lm.model, prefix, prompt, None, SamplingParams(max_new_tokens=new_tokens), set()):
-                times.append(time.perf_counter())
-            return (len(times) - 1) / (times[-1] - times[0])
+            # the memory's keys/values are computed once per memory version (the warm-up) and
+            # reused; tokens_per_second counts the steps after the first token, as below
+            g = lm.generate(state, prompt_text, chat=False, max_new_tokens=new_tokens, temperature=0.0)
+            if len(g.token_ids) < new_tokens:
+                early.append((n, len(g.token_ids)))
+            return g.tokens_per_second
 
         # transformers: a real KV cache of N + 1 tokens (bos + memory length), then the prompt.
         prefix_ids = torch.tensor([corpus_tokens(lm.tokenizer, n + 1 + 32)[: n + 1]])
@@ -171,18 +182,18 @@ def bench_decode(sizes: list[int], new_tokens: int, repeats: int) -> None:
         ours_tps = statistics.median(p[0] for p in pairs)
         hf_tps = statistics.median(p[1] for p in pairs)
         rows.append([n, new_tokens, ours_tps, hf_tps, ours_tps / hf_tps])
-        del lm, state, prefix, hf_cache
+        lm = state = hf_cache = None  # freed before the next size (not del: the closures above name them)
         gc.collect()
     table("(b) decode speed, batch 1, greedy", ["N (memory / prefix tokens)", "new tokens", "memoryllm tok/s", "transformers generate tok/s", "ratio"], rows)
+    if early:  # generate stops at EOS; transformers is held to min_new_tokens
+        print(f"\nnote: memoryllm stopped at EOS before {new_tokens} tokens in {len(early)} run(s) (N, tokens): {sorted(set(early))}")
 
 
 # ---------------------------------------------------------------------------------------------
 # (c) answer time: T tokens in memory vs T tokens in the prompt
 # ---------------------------------------------------------------------------------------------
 def bench_answer(lengths: list[int], new_tokens: int) -> None:
-    from latentmem.memoryllm import load
-
-    lm = load()  # the default memory shape (K=128, N=2048)
+    lm = latentmem.load()  # the default memory shape (K=128, N=2048)
     rows = []
     for T in lengths:
         ids = corpus_tokens(lm.tokenizer, T)
@@ -209,20 +220,16 @@ def bench_answer(lengths: list[int], new_tokens: int) -> None:
 # (d) peak RSS in a fresh process
 # ---------------------------------------------------------------------------------------------
 def rss_probe(n: int, k: int, new_tokens: int) -> None:
-    from latentmem.memoryllm import load
-
-    lm = load(num_tokens=k, num_blocks=n // k)
-    cfg = lm.config
+    lm = latentmem.load(num_tokens=k, num_blocks=n // k)
     state = lm.new_memory(0)
     lm.inject(state, lm.tokenizer.decode(corpus_tokens(lm.tokenizer, 2 * k)), progress=False)
     g = lm.generate(state, QUESTION, max_new_tokens=new_tokens)
-    # parameters plus the model's own pool buffer (the published layout keeps one in the model)
-    weights = sum(t.numel() * t.element_size() for t in [*lm.model.parameters(), *lm.model.buffers()])
-    item = state.memory.element_size()
-    pool = state.memory.numel() * item + state.provenance.numel() * 8 + state.order.numel() * 8
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * item
-    prefix = (n + 1) * kv_per_token
-    decode_cache = (n + 1 + g.prompt_tokens + new_tokens) * kv_per_token
+    info = lm.info(state)
+    d = info.details
+    weights = d["weights_bytes"]  # parameters and buffers
+    pool = info.memory_bytes  # the memory's tensors (pool, provenance, slot order)
+    prefix = d["read_cache_bytes"]  # the memory keys/values a read caches (bos + N per layer)
+    decode_cache = prefix + (g.prompt_tokens + new_tokens) * d["kv_bytes_per_token"]  # the cache copies the prefix
     peak = peak_rss()
     print(json.dumps(dict(N=n, weights=weights, pool=pool, prefix=prefix, decode_cache=decode_cache, peak=peak)))
 
@@ -249,36 +256,29 @@ def bench_rss(sizes: list[int], k: int) -> None:
 # (e) separate write/read adapters: peft branches vs the reader merged into the weights
 # ---------------------------------------------------------------------------------------------
 def bench_adapters(n: int, new_tokens: int, repeats: int) -> None:
-    from latentmem.generate import SamplingParams, decode
-    from latentmem.memoryllm import load
-    from latentmem.lora import attach_adapters as _attach_adapters
+    from latentmem.memoryllm.bench import with_random_adapters
 
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     text = " ".join(map(str, range(400)))
     rows = []
     for label in ("plain (base weights)", "write/read adapters, peft branches", "write/read adapters, reader merged"):
         # trained=False: the shipped weights carry adapters of their own; every row starts plain
-        lm = load(num_tokens=min(256, n), num_blocks=max(1, n // 256), trained=False)
+        lm = latentmem.load(num_tokens=min(256, n), num_blocks=max(1, n // 256), trained=False)
         if "adapters" in label:
-            g = torch.Generator().manual_seed(0)
-            loras = {a: {name: {"A": torch.randn(8, m.in_features, generator=g) * 0.01, "B": torch.randn(m.out_features, 8, generator=g) * 0.01}
-                         for name, m in lm.model.named_modules() if name.rsplit(".", 1)[-1] in targets} for a in ("write", "read")}
-            _attach_adapters(lm.model, loras, {"lora_r": "8", "lora_alpha": "16"}, {"write": "write", "read": "read"}, merge_read="merged" in label)
+            lm = with_random_adapters(lm, merge_read="merged" in label, rank=8, seed=0)
         state = filled_memory(lm)
-        prompt = torch.tensor([corpus_tokens(lm.tokenizer, 32)])
+        prompt_text = corpus_text(lm, 32)
 
         def tps() -> float:
-            times = [time.perf_counter() for _ in decode(lm.model, lm.prefix([state]), prompt, None, SamplingParams(max_new_tokens=new_tokens), set())]
-            return (len(times) - 1) / (times[-1] - times[0])
+            # memory keys/values from generate's per-version cache (computed in prefill, which
+            # tokens_per_second leaves out)
+            return lm.generate(state, prompt_text, chat=False, max_new_tokens=new_tokens, temperature=0.0).tokens_per_second
 
         def inject() -> float:
-            start = time.perf_counter()
-            lm.inject(state, text)
-            return time.perf_counter() - start
+            return lm.inject(state, text, progress=False).seconds
 
         tps(), inject()  # warm-up
         rows.append([label, statistics.median(tps() for _ in range(repeats)), min(inject() for _ in range(repeats))])
-        del lm, state
+        lm = state = None  # freed before the next row (not del: the closures above name them)
         gc.collect()
     base_tps, base_inject = rows[0][1], rows[0][2]
     table(f"(e) separate write/read adapters, N={n}, batch 1", ["weights", "decode tok/s", "vs plain", "inject s (400-token text)", "vs plain"],

@@ -25,6 +25,9 @@ The contract (``tests/test_conformance.py`` checks it for every design):
   memory made for another model.
 * ``owners(memory)``: which injection wrote each storage unit (a slot, a chunk, a written
   row), for attribution and diffs; ``info(memory)`` describes capacity and sizes.
+* For evaluations and benchmarks: ``health(memory, previous)`` (numeric diagnostics of a memory
+  under long runs of writes) and, for baselines that edit the backbone instead of writing memory
+  (FT-L), ``editable_weight(layer)`` with the differentiable ``backbone_logits(ids)``.
 """
 
 from __future__ import annotations
@@ -96,6 +99,25 @@ class ForgetResult:
 
 @dataclass
 class MemoryInfo:
+    """Capacity and sizes of a model's memory, and of one memory when given.
+
+    ``details`` holds design facts (MemoryLLM: N, K, ...) plus these keys, which every design
+    provides and which the evaluations and benchmarks read instead of the design's internals:
+
+    * ``layers``, ``parameters``, ``dtype``: the backbone's decoder layers, parameter count, dtype;
+    * ``weights_bytes``: in-process size of the model's parameters and buffers;
+    * ``min_inject_tokens``: the shortest text ``inject`` takes without ``allow_short``;
+      ``max_inject_tokens``: the most tokens one write takes (a longer text takes several);
+    * ``context_window``: the prompt positions the backbone was trained for;
+    * ``kv_bytes_per_token``: the keys/values one prompt or generated token adds to a decode cache;
+    * ``read_cache_bytes``: the keys/values a read computes from this memory and keeps (memory
+      slots, bank chunks or rows, as the design reads them); 0 without a memory or for an empty one;
+    * ``read_state_bytes``: what a read of this memory holds besides the prompt's own cache, the
+      memory's vectors plus ``read_cache_bytes``; 0 without a memory or for an empty one;
+    * ``applied_weights``: only where the design ships trained weights for its default model:
+      what was applied at load (a JSON-able record), or None for the untrained base.
+    """
+
     design: str
     model: str
     model_id: str
@@ -145,6 +167,11 @@ class MemoryModel(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def chat_prompt(self, prompt: str | list[dict], chat: bool | None) -> str:
+        """The prompt text ``generate`` reads for ``prompt`` and ``chat`` (the tokenizer's chat
+        template applied, or the plain string), so callers can format prompts beforehand."""
+        ...
+
     # ---- memories ----
     def new_memory(self, seed: int = 0) -> Memory: ...
 
@@ -179,3 +206,26 @@ class MemoryModel(Protocol):
     def generate_batch(self, memories: Sequence[Memory | None], prompts: Sequence[str | list[dict]], *, chat: bool | None = None, **sampling) -> list[Generation]: ...
 
     def score(self, memories: Sequence[Memory | None], prompts: Sequence[str], answers: Sequence[str]) -> list[tuple[float, int]]: ...
+
+    # ---- diagnostics and baselines (for evaluations and benchmarks) ----
+    def health(self, memory: Memory, previous: Any = None, *, since_injection: int = 0) -> tuple[dict, Any]:
+        """Numeric health of a memory under long runs of writes (the integrity evaluation).
+        Returns a JSON-able dict and an opaque snapshot to pass as ``previous`` to the next call.
+        The dict holds at least ``nonfinite`` (NaN/Inf values in the memory), ``mean_norm`` (mean
+        norm of a storage unit's vector), ``max_abs``, ``drift`` (relative change of the memory's
+        values since ``previous``; None without it or from an empty memory),
+        ``rewritten_since_last_check`` (share of storage units rewritten since ``previous``; None
+        without it) and ``replaced_since_start`` (share of units written by injections with ids
+        above ``since_injection``); a design adds its own (MemoryLLM: ``layer_norm`` per layer)."""
+        ...
+
+    def editable_weight(self, layer: int) -> Tensor:
+        """For baselines that edit the backbone (FT-L, ROME-style): the live weight of decoder layer
+        ``layer``'s MLP output projection. Changes to it affect every later call (the caller
+        restores it); it takes part in ``backbone_logits``' autograd graph when it requires grad."""
+        ...
+
+    def backbone_logits(self, ids: Sequence[int]) -> Tensor:
+        """For baselines that edit the backbone: the next-token logits [T, V] of one token sequence
+        read with no memory (the base model), under autograd (differentiable)."""
+        ...

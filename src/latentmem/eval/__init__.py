@@ -8,9 +8,9 @@
     run("longbench", data=["hotpotqa.jsonl"])                          # local LongBench files
     run("longbench-score", predictions=["pred/hotpotqa.jsonl"])
 
-Every task takes ``lm=`` (a loaded ``latentmem.lm.MemoryLM``) or ``model=`` (a folder; None =
-the embedded default) plus ``num_tokens`` / ``num_blocks``; ``out=`` a folder or .json path
-(default results/eval); ``seed=``; ``threads=``. Command line: ``memoryllm eval <task> --help``.
+Every task takes ``lm=`` (any loaded ``latentmem.api.MemoryModel``: the tasks use that interface
+only) or ``model=`` (a folder; None = the embedded default) plus ``num_tokens`` / ``num_blocks``;
+``out=`` a folder or .json path (default results/eval); ``seed=``; ``threads=``. Command line: ``memoryllm eval <task> --help``.
 """
 
 from __future__ import annotations

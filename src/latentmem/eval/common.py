@@ -55,21 +55,16 @@ def set_threads(n: int | None) -> None:
 
 
 def model_info(lm) -> dict:
-    c = lm.config
-    info = {
-        "name": lm.name,
-        "model_id": lm.model_id,
-        "layers": c.num_hidden_layers,
-        "hidden_size": c.hidden_size,
-        "N": c.num_memory_tokens,
-        "K": c.num_tokens,
-        "max_inject_tokens": c.max_inject_tokens,
-        "parameters_M": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 2),
-        "dtype": str(lm.model.dtype).replace("torch.", ""),
-    }
-    if hasattr(lm.model, "applied_weights"):  # set by loading.load_default: what was applied
-        info["trained_memory_weights"] = lm.model.applied_weights is not None
-        info["applied_weights"] = lm.model.applied_weights
+    """The model facts every result records, from ``lm.info()`` (design facts such as MemoryLLM's
+    N and K where the design has them)."""
+    mi = lm.info()
+    d = mi.details
+    info = {"name": lm.name, "model_id": lm.model_id}
+    info.update({k: d[k] for k in ("layers", "hidden_size", "N", "K", "max_inject_tokens") if k in d})
+    info.update(parameters_M=round(d["parameters"] / 1e6, 2), dtype=d["dtype"], design=mi.design)
+    if "applied_weights" in d:  # a design's default with shipped trained weights: what was applied
+        info["trained_memory_weights"] = d["applied_weights"] is not None
+        info["applied_weights"] = d["applied_weights"]
     return info
 
 

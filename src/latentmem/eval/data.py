@@ -125,7 +125,7 @@ def eval_rows_only(lm) -> bool:
     """Whether an evaluation must skip rows a model may have trained on: true for a model that
     carries trained memory weights (the shipped default, trained on the rows ``is_heldout``
     rejects). The untrained base may use every row, as the earlier results did."""
-    return getattr(getattr(lm, "model", None), "applied_weights", None) is not None
+    return lm.info().details.get("applied_weights") is not None
 
 
 def load_qa(name_or_path: str | os.PathLike, *, limit: int | None = None, seed: int = 0, shuffle: bool = True, heldout_only: bool = False) -> list[dict]:

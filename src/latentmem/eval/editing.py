@@ -44,7 +44,8 @@ def edit_text(lm, e: dict) -> str:
     so generalization is still measured on unseen wordings."""
     s = edit_statement(e)
     text = s
-    while len(lm.encode(text)) < lm.config.min_inject_tokens:
+    min_tokens = lm.info().details["min_inject_tokens"]
+    while len(lm.encode(text)) < min_tokens:
         text = f"{text} {s}"
     return text
 
@@ -102,11 +103,12 @@ def _aggregate(per_edit: list[dict], seed: int) -> dict:
 
 
 class FTL:
-    """Fine-tuning with an L-infinity constraint on one MLP's down projection (FT-L)."""
+    """Fine-tuning with an L-infinity constraint on one MLP's down projection (FT-L), through the
+    interface's hook for baselines that edit the backbone (``editable_weight``, ``backbone_logits``)."""
 
     def __init__(self, lm, layer: int, steps: int, lr: float, eps: float):
         self.lm, self.steps, self.lr, self.eps = lm, steps, lr, eps
-        self.weight = lm.model.model.layers[layer].mlp.down_proj.weight
+        self.weight = lm.editable_weight(layer)
         self.base = self.weight.detach().clone()
 
     def restore(self) -> None:
@@ -114,35 +116,33 @@ class FTL:
             self.weight.copy_(self.base)
 
     def apply(self, e: dict) -> float:
-        lm, model = self.lm, self.lm.model
+        lm = self.lm
         p_ids = lm.encode(e["prompt"])
         full = lm.encode(e["prompt"] + " " + e["new"])
         a_ids = full[len(p_ids) :] if full[: len(p_ids)] == p_ids else lm.encode(" " + e["new"])
-        ids = torch.tensor([p_ids + a_ids], device=model.device)
         n = len(a_ids)
-        flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
+        target = torch.tensor(a_ids, device=self.weight.device)
+        flag = self.weight.requires_grad
         self.weight.requires_grad_(True)
         opt = torch.optim.Adam([self.weight], lr=self.lr)
         loss_v = float("nan")
         try:
             with torch.enable_grad():
                 for _ in range(self.steps):
-                    logits = model(ids)[0, -n - 1 : -1]
-                    loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, -n:])
+                    logits = lm.backbone_logits(p_ids + a_ids)[-n - 1 : -1]
+                    loss = torch.nn.functional.cross_entropy(logits.float(), target)
                     loss_v = float(loss.detach())
                     if loss_v < 1e-2:
                         break
                     opt.zero_grad()
-                    loss.backward()
+                    # the gradient of this one weight only: the rest of the model is left alone
+                    (self.weight.grad,) = torch.autograd.grad(loss, [self.weight])
                     opt.step()
                     with torch.no_grad():
                         self.weight.copy_(self.base + (self.weight - self.base).clamp(-self.eps, self.eps))
         finally:
             self.weight.grad = None
-            for name, p in model.named_parameters():
-                p.requires_grad_(flags[name])
+            self.weight.requires_grad_(flag)
         return loss_v
 
 
@@ -175,7 +175,7 @@ def run_editing(
     all_facts = load_facts(facts)
     es = build_edits(all_facts, edits + 2, seed=seed)
     demos, es = es[:2], es[2:]
-    L = lm.config.num_hidden_layers
+    L = lm.info().details["layers"]
     ft_layer = max(0, round(L * 5 / 28)) if ft_layer is None else int(ft_layer)
     if not 0 <= ft_layer < L:
         raise ValueError(f"ft_layer must be in [0, {L - 1}], got {ft_layer}")

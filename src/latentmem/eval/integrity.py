@@ -4,9 +4,10 @@ The dataset's contexts are injected one after another into one pool; after each 
 dataset is reshuffled (a seeded permutation per pass) and injected again, so the stream never
 ends. After every ``eval_every``-th injection the model answers the question of the context
 just injected; the accuracy over the last ``window`` answers is the paper's curve (flat over
-650k updates for the 7B model). Every ``health_every`` updates the pool's health is recorded:
-per-layer mean token norm, NaN/Inf count, relative change since the previous check (drift) and
-the fraction of slots rewritten since the run began.
+650k updates for the 7B model). Every ``health_every`` updates the memory's health is recorded
+(the design's ``lm.health``; MemoryLLM: per-layer mean token norm, NaN/Inf count, relative
+change since the previous check (drift), the fractions of slots rewritten since then and since
+the run began).
 
 The run is resumable: every ``checkpoint_every`` updates the pool is saved to
 ``workdir/memory-<n>.safetensors`` and then ``workdir/progress.json`` (the answers so far, health,
@@ -25,8 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from . import metrics
 from .common import Timer, environment, generate, get_lm, finish, model_info, set_threads, write_json
 from .data import load_qa, eval_rows_only
@@ -42,33 +41,11 @@ def _perm(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def health(pool, prev: tuple | None, start_injection: int) -> tuple[dict, tuple]:
-    """Health of a pool; ``prev`` is the (memory, provenance) of the previous check."""
-    # float64 and a contiguous copy: the reductions below then give the same digits for the same
-    # pool whether it was computed in-process or loaded from a checkpoint (strides change the
-    # float32 summation order, which moved the 5th decimal in resume-equality checks)
-    mem = pool.memory.detach().to(torch.float64).contiguous()
-    finite = torch.isfinite(mem)
-    nonfinite = int((~finite).sum())
-    safe = torch.where(finite, mem, torch.zeros_like(mem))
-    layer_norm = safe.norm(dim=-1).mean(dim=1)  # [L]
-    drift = rewritten = None
-    if prev is not None:
-        prev_mem, prev_prov = prev
-        if float(prev_mem.norm()) > 0:  # no relative change from an empty (all-zero) pool
-            drift = float((safe - prev_mem).norm() / prev_mem.norm())
-        rewritten = float((pool.provenance != prev_prov).float().mean())
-    replaced = float((pool.provenance > start_injection).float().mean())
-    return {
-        "updates": pool.update_count,
-        "layer_norm": [round(float(x), 5) for x in layer_norm],
-        "mean_norm": round(float(layer_norm.mean()), 5),
-        "max_abs": round(float(safe.abs().max()), 5),
-        "nonfinite": nonfinite,
-        "drift": None if drift is None else round(drift, 6),
-        "replaced_since_start": round(replaced, 6),
-        "rewritten_since_last_check": None if rewritten is None else round(rewritten, 6),
-    }, (safe.clone(), pool.provenance.clone())
+def health(lm, pool, prev, start_injection: int) -> tuple[dict, object]:
+    """One health row: the pool's update count and the design's diagnostics (``lm.health``);
+    ``prev`` is the snapshot the previous check returned (None: the first check of a session)."""
+    h, snapshot = lm.health(pool, prev, since_injection=start_injection)
+    return {"updates": pool.update_count, **h}, snapshot
 
 
 class _Stop:
@@ -157,7 +134,7 @@ def run_integrity(
     next_health = (pool.update_count // health_every + 1) * health_every if health_every else None
     next_ckpt = (pool.update_count // checkpoint_every + 1) * checkpoint_every
     if not health_rows:
-        h, prev = health(pool, None, state["start_injection"])
+        h, prev = health(lm, pool, None, state["start_injection"])
         health_rows.append(h)
     stopped = "max_updates"
     with _Stop() as stop:
@@ -185,7 +162,7 @@ def run_integrity(
                     epoch, pos = epoch + 1, 0
                     order = _perm(len(rows), seed, epoch)
                 if next_health is not None and pool.update_count >= next_health:
-                    h, prev = health(pool, prev, state["start_injection"])
+                    h, prev = health(lm, pool, prev, state["start_injection"])
                     health_rows.append(h)
                     next_health = (pool.update_count // health_every + 1) * health_every
                     if progress:

@@ -71,16 +71,12 @@ def build_document(lm, row: dict, distractors: list[str], length: int, rng: rand
     return "\n\n".join(passages), gold
 
 
-def _kv_bytes(lm, tokens: int) -> int:
-    c = lm.config
-    elt = lm.model.dtype.itemsize if hasattr(lm.model.dtype, "itemsize") else 4
-    return 2 * c.num_hidden_layers * tokens * c.num_key_value_heads * c.head_dim * elt
-
-
-def _pool_bytes(lm) -> int:
-    c = lm.config
-    elt = lm.model.dtype.itemsize if hasattr(lm.model.dtype, "itemsize") else 4
-    return c.num_hidden_layers * c.num_memory_tokens * c.hidden_size * elt + _kv_bytes(lm, c.num_memory_tokens + 1)
+def state_bytes(lm, memory, tokens: int) -> int:
+    """Attention state held to answer from ``memory`` (None: none) with ``tokens`` prompt and
+    generated tokens: what a read of the memory holds (its vectors and the keys/values computed
+    from them; nothing for an empty memory) plus the decode cache of the tokens."""
+    d = lm.info(memory).details
+    return d["read_state_bytes"] + d["kv_bytes_per_token"] * tokens
 
 
 def truncate_middle(lm, text: str, max_tokens: int) -> str:
@@ -128,8 +124,9 @@ def answer(lm, method: str, docs: list[str], questions: list[str], *, window: in
             sec = t() / len(prompts)
             for pred, pr, (pool, c) in zip(preds, prompts, pools):
                 n = len(lm.encode(pr))
-                out.append({"pred": pred, "seconds": sec, "prompt_tokens": n, "updates": pool.update_count, "state_bytes": (_pool_bytes(lm) if pool.initialized else 0) + _kv_bytes(lm, n + max_new_tokens)})
+                out.append({"pred": pred, "seconds": sec, "prompt_tokens": n, "updates": pool.update_count, "state_bytes": state_bytes(lm, pool, n + max_new_tokens)})
         return out
+    context_window = lm.info().details["context_window"]
     for i, (doc, q) in enumerate(zip(docs, questions)):
         t = Timer()
         if method == "full":
@@ -144,13 +141,14 @@ def answer(lm, method: str, docs: list[str], questions: list[str], *, window: in
         pr = longqa_prompt(lm, ctx, q, prompt)
         pred = generate(lm, [None], [pr], max_new_tokens)[0]
         n = len(lm.encode(pr))
-        out.append({"pred": pred, "seconds": t(), "prompt_tokens": n, "state_bytes": _kv_bytes(lm, n + max_new_tokens), "beyond_window": n + max_new_tokens > lm.config.max_position_embeddings})
+        out.append({"pred": pred, "seconds": t(), "prompt_tokens": n, "state_bytes": state_bytes(lm, None, n + max_new_tokens), "beyond_window": n + max_new_tokens > context_window})
     return out
 
 
 def _defaults(lm, window, chunk_tokens, bm25_tokens):
-    chunk_tokens = int(chunk_tokens or lm.config.max_inject_tokens)
-    window = int(window or min(2048, lm.config.max_position_embeddings))
+    d = lm.info().details
+    chunk_tokens = int(chunk_tokens or d["max_inject_tokens"])
+    window = int(window or min(2048, d["context_window"]))
     bm25_tokens = int(bm25_tokens or window // 2)
     return window, chunk_tokens, bm25_tokens
 

@@ -42,7 +42,8 @@ def plot_retention(res: dict, path) -> Path:
     ax.axhline(res["no_context"]["hit"]["mean"], color="gray", ls="--", label="no context (a_b)")
     if res.get("context_in_prompt"):
         ax.axhline(res["context_in_prompt"]["hit"]["mean"], color="green", ls=":", label="context in prompt")
-    ax.plot(t, res["theory"]["eq5"], "r-.", label=f"Eq. 5 ((N-K)/N)^(t-1), N={res['model']['N']}, K={res['model']['K']}")
+    if res["theory"]["eq5"] is not None:  # MemoryLLM's curve; other designs have none
+        ax.plot(t, res["theory"]["eq5"], "r-.", label=f"Eq. 5 ((N-K)/N)^(t-1), N={res['model']['N']}, K={res['model']['K']}")
     ax.set_xlabel("step (context injected at step 1, one unrelated context per later step)")
     ax.set_ylabel("hit rate (answer in 10 generated tokens)")
     ax.set_ylim(-0.02, 1.02)

@@ -37,9 +37,9 @@ def retention(r: dict) -> str:
     if r.get("context_in_prompt"):
         lines[-1] += f"Context in the prompt: hit {_pct(r['context_in_prompt']['hit'])}%, log-prob/token {r['context_in_prompt']['answer_logprob']['mean']:.3f}."
     lines += ["", "| step | hit % [95% CI] | Eq. 5 % | answer log-prob/token [95% CI] |", "|---|---|---|---|"]
-    for s, th in zip(r["steps"], r["theory"]["eq5"]):
+    for s, th in zip(r["steps"], r["theory"]["eq5"] or [None] * len(r["steps"])):  # no Eq. 5 outside MemoryLLM
         lp = s["answer_logprob"]
-        lines.append(f"| {s['step']} | {_pct(s['hit'])} | {100 * th:.1f} | {lp['mean']:.3f} [{lp['ci95'][0]:.3f}, {lp['ci95'][1]:.3f}] |")
+        lines.append(f"| {s['step']} | {_pct(s['hit'])} | {'-' if th is None else f'{100 * th:.1f}'} | {lp['mean']:.3f} [{lp['ci95'][0]:.3f}, {lp['ci95'][1]:.3f}] |")
     return "\n".join(lines)
 
 

@@ -71,12 +71,14 @@ def run_retention(
     set_threads(threads)
     clock = Timer()
     lm = lm if lm is not None else get_lm(model_options)
-    cfg = lm.config
+    details = lm.info().details
+    # the paper's Eq. 5 needs MemoryLLM's pool of N tokens updated K at a time; other designs get no curve
+    N, K = details.get("N"), details.get("K")
     if steps < 1 or rows < 1 or batch_size < 1:
         raise ValueError("steps, rows and batch_size must be >= 1")
     if max_answer_tokens == "auto":
         max_answer_tokens = default_max_answer_tokens(dataset)
-    filler_tokens = min(int(filler_tokens), cfg.max_inject_tokens)  # one update per filler
+    filler_tokens = min(int(filler_tokens), details["max_inject_tokens"])  # one update per filler
     data = select_rows(lm, dataset, rows, seed, max_answer_tokens)
     fillers = filler_pool(lm, load_texts(filler), filler_tokens, max(1, len(data) * (steps - 1)), seed) if steps > 1 else []
     q_prompts = [qa_prompt(lm, r["question"], prompt) for r in data]
@@ -147,8 +149,8 @@ def run_retention(
             "formula": "a_b + (a_u - a_b) * ((N - K) / N) ** (t - 1)  (paper Eq. 5, drawn from a_u down to the no-context line)",
             "a_u": a_u,
             "a_b": a_b,
-            "eq5": metrics.eq5_curve(a_u, a_b, cfg.num_memory_tokens, cfg.num_tokens, steps),
-            "token_survival": [metrics.retention_fraction(cfg.num_memory_tokens, cfg.num_tokens, t) for t in range(steps)],
+            "eq5": metrics.eq5_curve(a_u, a_b, N, K, steps) if N and K else None,
+            "token_survival": [metrics.retention_fraction(N, K, t) for t in range(steps)] if N and K else None,
         },
         "per_row": per_row,
         "timing": {"seconds": round(clock(), 2), "inject_seconds": round(inject_s, 2), "read_seconds": round(read_s, 2), "updates": updates, "updates_per_second": round(updates / inject_s, 3) if inject_s else None},

@@ -416,10 +416,12 @@ class MemoryLM:
             "num_blocks": c.num_blocks,
             "min_inject_tokens": c.min_inject_tokens,
             "max_inject_tokens": c.max_inject_tokens,
+            "memory_values": c.num_hidden_layers * c.num_memory_tokens * c.hidden_size,  # numbers in one pool
             "parameters": params,
             "dtype": str(self.model.dtype).replace("torch.", ""),
             "device": str(self.model.device),
             "initialized": bool(mem.initialized) if mem is not None else False,
+            **self._size_details(mem),
         }
         return MemoryInfo(
             design=self.design, model=self.name, model_id=self.model_id, unit="memory slot",
@@ -427,6 +429,72 @@ class MemoryLM:
             update_count=mem.update_count if mem is not None else 0,
             last_injection_id=mem.last_injection_id if mem is not None else 0, details=details,
         )
+
+    # ---- sizes, diagnostics and backbone-editing baselines (what evaluations and benchmarks
+    # need beyond reading and writing; see latentmem.api) ----
+    def _size_details(self, mem: MemoryState | None) -> dict:
+        """The size facts of ``MemoryInfo.details`` every design provides (computed from shapes)."""
+        c, item = self.config, self.model.dtype.itemsize
+        kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * item
+        written = mem is not None and mem.initialized
+        read_cache = (c.num_memory_tokens + int(c.add_bos_embedding)) * kv_per_token if written else 0  # bos + N keys/values per layer
+        out = {
+            "context_window": c.max_position_embeddings,
+            "weights_bytes": sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()]),
+            "kv_bytes_per_token": kv_per_token,
+            "read_cache_bytes": read_cache,
+            "read_state_bytes": mem.memory.numel() * mem.memory.element_size() + read_cache if written else 0,
+        }
+        if hasattr(self.model, "applied_weights"):  # set by checkpoint.load_default: the trained weights applied
+            out["applied_weights"] = self.model.applied_weights
+        return out
+
+    def health(self, memory: MemoryState, previous: tuple | None = None, *, since_injection: int = 0) -> tuple[dict, tuple]:
+        """The pool's numbers, for long runs of updates (the integrity evaluation): per-layer mean
+        slot norm, NaN/Inf count, largest magnitude; with ``previous`` (the snapshot an earlier
+        call returned) the relative change since then (drift) and the share of slots rewritten;
+        the share of slots written by injections after ``since_injection``.
+        Returns (a JSON-able dict, the snapshot to pass as ``previous`` next time)."""
+        self._check_state(memory)
+        # float64 and a contiguous copy: the reductions below then give the same digits for the same
+        # pool whether it was computed in-process or loaded from a checkpoint (strides change the
+        # float32 summation order, which moved the 5th decimal in resume-equality checks)
+        mem = memory.memory.detach().to(torch.float64).contiguous()
+        finite = torch.isfinite(mem)
+        safe = torch.where(finite, mem, torch.zeros_like(mem))
+        layer_norm = safe.norm(dim=-1).mean(dim=1)  # [L]
+        drift = rewritten = None
+        if previous is not None:
+            prev_mem, prev_prov = previous
+            if float(prev_mem.norm()) > 0:  # no relative change from an empty (all-zero) pool
+                drift = float((safe - prev_mem).norm() / prev_mem.norm())
+            rewritten = float((memory.provenance != prev_prov).float().mean())  # physical slots: a slot keeps its place
+        replaced = float((memory.provenance > since_injection).float().mean())
+        return {
+            "layer_norm": [round(float(x), 5) for x in layer_norm],
+            "mean_norm": round(float(layer_norm.mean()), 5),
+            "max_abs": round(float(safe.abs().max()), 5),
+            "nonfinite": int((~finite).sum()),
+            "drift": None if drift is None else round(drift, 6),
+            "replaced_since_start": round(replaced, 6),
+            "rewritten_since_last_check": None if rewritten is None else round(rewritten, 6),
+        }, (safe, memory.provenance.clone())
+
+    def editable_weight(self, layer: int) -> Tensor:
+        """For baselines that edit the backbone (FT-L): the live weight [hidden, intermediate] of
+        decoder layer ``layer``'s MLP output projection (Llama's ``down_proj``). Writes to it
+        change every later call; the caller restores it."""
+        layers = self.model.model.layers
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"layer must be in [0, {len(layers) - 1}], got {layer}")
+        return layers[layer].mlp.down_proj.weight
+
+    def backbone_logits(self, ids: Sequence[int]) -> Tensor:
+        """For baselines that edit the backbone: logits [T, V] of one token sequence read with no
+        memory (the base model), under autograd, so a loss over them back-propagates into an
+        ``editable_weight`` that requires grad."""
+        with torch.enable_grad():
+            return self.model(torch.tensor([list(ids)], device=self.model.device))[0]
 
 
 def load(path=None, **kwargs) -> MemoryLM:
