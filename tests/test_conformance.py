@@ -212,3 +212,29 @@ def test_memories_of_another_model_are_refused(lm, design):
         lm.inject(foreign, CORPUS[1])
     with pytest.raises(MemoryFormatError):
         lm.generate(foreign, "Paris is", max_new_tokens=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Files written before the package was renamed (memoryllm 0.1, commit 62f5937) still load
+# --------------------------------------------------------------------------------------------
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_a_memory_file_from_before_the_rename_loads_and_equals_a_fresh_replay():
+    """tests/data/memory_v0.1_tiny.safetensors: tiny_lm(seed=0), new_memory(seed=5), CORPUS[:3]
+    injected one by one, saved by the pre-rename code."""
+    lm = tiny_lm(0)
+    old = lm.load_memory(DATA / "memory_v0.1_tiny.safetensors")
+    assert old.model_id == lm.model_id and (old.update_count, old.last_injection_id) == (6, 3)
+    assert old.equal(filled(lm, seed=5, texts=CORPUS[:3]))
+
+
+def test_a_store_export_from_before_the_rename_imports(tmp_path):
+    """tests/data/export_v0.1_tiny.zip: the same memory as the pre-rename store exported it."""
+    lm = tiny_lm(0)
+    with MemoryStore(tmp_path / "s", lm) as store:
+        store.import_file(DATA / "export_v0.1_tiny.zip", "alice")
+        assert store.memory("alice").equal(filled(lm, seed=5, texts=CORPUS[:3]))
+        assert store.verify("alice").ok
+        assert [e.injection_id for e in store.history("alice") if e.kind == "inject"] == [1, 2, 3]
