@@ -221,13 +221,23 @@ def test_memories_of_another_model_are_refused(lm, design):
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 
 
+def same_memory_up_to_float_order(a, b) -> None:
+    """The pool of a file written by another process equals a fresh replay up to the float
+    summation order (which depends on torch's thread count: bit-exact replay across thread
+    counts is issue 17); everything else (slot owners, drop generator, counters) exactly."""
+    torch.testing.assert_close(a.logical_memory(), b.logical_memory(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.logical_provenance(), b.logical_provenance())
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert (a.initialized, a.update_count, a.last_injection_id, a.model_id) == (b.initialized, b.update_count, b.last_injection_id, b.model_id)
+
+
 def test_a_memory_file_from_before_the_rename_loads_and_equals_a_fresh_replay():
     """tests/data/memory_v0.1_tiny.safetensors: tiny_lm(seed=0), new_memory(seed=5), CORPUS[:3]
-    injected one by one, saved by the pre-rename code."""
+    injected one by one, saved by the pre-rename code (2 torch threads)."""
     lm = tiny_lm(0)
     old = lm.load_memory(DATA / "memory_v0.1_tiny.safetensors")
     assert old.model_id == lm.model_id and (old.update_count, old.last_injection_id) == (6, 3)
-    assert old.equal(filled(lm, seed=5, texts=CORPUS[:3]))
+    same_memory_up_to_float_order(old, filled(lm, seed=5, texts=CORPUS[:3]))
 
 
 def test_a_store_export_from_before_the_rename_imports(tmp_path):
@@ -235,6 +245,6 @@ def test_a_store_export_from_before_the_rename_imports(tmp_path):
     lm = tiny_lm(0)
     with MemoryStore(tmp_path / "s", lm) as store:
         store.import_file(DATA / "export_v0.1_tiny.zip", "alice")
-        assert store.memory("alice").equal(filled(lm, seed=5, texts=CORPUS[:3]))
-        assert store.verify("alice").ok
+        same_memory_up_to_float_order(store.memory("alice"), filled(lm, seed=5, texts=CORPUS[:3]))
+        same_memory_up_to_float_order(store.replay("alice"), store.memory("alice"))
         assert [e.injection_id for e in store.history("alice") if e.kind == "inject"] == [1, 2, 3]

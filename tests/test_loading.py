@@ -385,11 +385,17 @@ def test_release_decoder_lora_switches_adapters(tmp_path):
     # reference with the reader merged by hand, and differs from the write-merged one
     assert model_fingerprint(model) == model_fingerprint(refs["decoder_adapter"]) != model_fingerprint(refs["default"])
     # saved again (the release's layout, the merge undone), both load back with both adapters
+    wrapped = {f"model.layers.{l}.{mod}" for l in range(cfg.num_hidden_layers) for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")}
+
+    def release_name(k):  # PEFT's in-place names, as the release stores them: wrapped weights under .base_layer.
+        k = k.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        return f"{k.removesuffix('.weight')}.base_layer.weight" if k.removesuffix(".weight") in wrapped else k
+
     for i, m in enumerate((unmerged, model)):
         save_memoryllm_checkpoint(m, tmp_path / f"again{i}", memory=m.checkpoint_pool)
         stored_again = load_file(str(tmp_path / f"again{i}" / "model.safetensors"))
         for k, v in stored.items():  # the release's own tensors come back (up to fp32 rounding)
-            torch.testing.assert_close(stored_again[k.removeprefix("base_model.model.").replace(".base_layer.", ".")], v, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(stored_again[release_name(k)], v, rtol=1e-5, atol=1e-5)
         again, _ = load_memoryllm_checkpoint(tmp_path / f"again{i}", merge_read=False)
         assert again.adapter_roles == unmerged.adapter_roles
         with torch.no_grad():

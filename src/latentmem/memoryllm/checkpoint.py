@@ -33,7 +33,7 @@ from ..backbone import rope_inv_freq
 from ..files import write_folder
 from ..loading import SUPPORTED_MODEL_TYPES, TensorSource, check_folder, default_model_dir, load_tokenizer, parse_size, read_config, weight_files
 from ..lora import LORA_KEY, attach_adapters, unmerge_read
-from .config import DEFAULT_NUM_BLOCKS, DEFAULT_NUM_TOKENS, MemoryLLMConfig
+from .config import DEFAULT_NUM_BLOCKS, DEFAULT_NUM_TOKENS, RELEASE_8B_KEYS, MemoryLLMConfig, lineage_fields
 from .model import MemoryLLM
 from .state import MemoryState
 
@@ -80,6 +80,7 @@ def load_hf_folder(
     path = check_folder(path)
     raw = read_config(path)
     shape = {k: v for k, v in (("num_tokens", num_tokens), ("num_blocks", num_blocks)) if v is not None}
+    _refuse_mplus(raw, path)
     if _is_memoryllm_config(raw):
         return load_memoryllm_checkpoint(path, dtype=dtype, device=device, **shape, **memory_overrides)
     model_type = raw.get("model_type")
@@ -147,13 +148,17 @@ def _is_memoryllm_config(raw: dict[str, Any]) -> bool:
     return raw.get("model_type") == MEMORYLLM_MODEL_TYPE or any("memoryllm" in str(a).lower() for a in archs)
 
 
-def _config(raw: dict[str, Any], overrides: dict[str, Any], path: Path) -> MemoryLLMConfig:
+def _config(raw: dict[str, Any], overrides: dict[str, Any], path: Path, *, published: bool = False) -> MemoryLLMConfig:
+    """The typed config of a folder; ``published``: a MemoryLLM config.json, whose lineage
+    (7B or 8B release, see ``lineage_fields``) supplies the fields it implies. Overrides win."""
     known = {f.name for f in dataclasses.fields(MemoryLLMConfig)} - {"extra", "model_type"}
     unknown = sorted(set(overrides) - known)
     if unknown:  # from_dict would file typos under `extra` silently
         raise TypeError(f"unknown config fields {unknown}; valid: {', '.join(sorted(known))}")
     try:
-        return MemoryLLMConfig.from_dict(raw, **overrides)
+        cfg = MemoryLLMConfig.from_dict({**raw, **lineage_fields(raw)} if published else raw, **overrides)
+        rope_inv_freq(cfg)  # an unsupported rope_scaling is this folder's fault: say so here
+        return cfg
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json: {e}") from e
 
@@ -247,7 +252,8 @@ def load_memoryllm_checkpoint(
     (default) then folds the reader into the weights (``MemoryLLM.merge_read_adapter``)."""
     path = check_folder(path)
     raw = read_config(path)
-    cfg = _config(raw, overrides, path)
+    _refuse_mplus(raw, path)
+    cfg = _config(raw, overrides, path, published=True)
     with TensorSource(weight_files(path)) as source:
         scale, roles = None, None
         if raw.get("add_decoder_lora"):
@@ -256,7 +262,10 @@ def load_memoryllm_checkpoint(
             if source.adapters != set(roles.values()):
                 raise CheckpointError(f"{path}: add_decoder_lora needs LoRA adapters {sorted(roles.values())}, found {sorted(source.adapters) or 'none'}")
         elif len(source.adapters) > 1:
-            raise NotImplementedError(f"{path}: {len(source.adapters)} LoRA adapters {sorted(source.adapters)}; only one can be merged (or set add_decoder_lora)")
+            raise CheckpointError(
+                f"{path}: unsupported adapter layout: {len(source.adapters)} LoRA adapters {sorted(source.adapters)} without add_decoder_lora; "
+                "only a single adapter can be merged, and separate adapters must be the release's write/read pair ('default', 'decoder_adapter') with add_decoder_lora: true"
+            )
         if source.loras:
             scale = _lora_scale(cfg.lora_config, source, path)
         if "lm_head.weight" not in source.keys and not cfg.tie_word_embeddings:
@@ -272,6 +281,18 @@ def load_memoryllm_checkpoint(
     return model, load_tokenizer(path, required=False, own_config=True)
 
 
+def _refuse_mplus(raw: dict[str, Any], path: Path) -> None:
+    """M+ (modeling_mplus.py's MPlus) shares the 8B layout for its short-term pool, but reads a
+    long-term memory through a learned retriever that this loader does not implement."""
+    archs = [str(a) for a in raw.get("architectures") or []]
+    mplus = [k for k in ("num_ltm_blocks", "ltm_initial_size", "add_selector", "selector_layers") if k in raw]
+    if mplus or any(a.lower() == "mplus" for a in archs):
+        raise CheckpointError(
+            f"{path}: unsupported: an M+ checkpoint (architectures {archs}, {', '.join(mplus) or 'M+ fields'}): "
+            "its long-term memory and retriever (ltm, ltm_keys, query/key projections) are not implemented; only MemoryLLM 7B/8B checkpoints load"
+        )
+
+
 def _lora_scale(lora_config: dict[str, Any] | None, source: TensorSource, path: Path) -> float:
     if not lora_config:
         raise CheckpointError(f"{path}: LoRA tensors present but config.json has no lora_config (r, lora_alpha)")
@@ -285,28 +306,76 @@ def _lora_scale(lora_config: dict[str, Any] | None, source: TensorSource, path: 
 
 
 def _release_adapter_layout(model: MemoryLLM, tensors: dict[str, Tensor], config: dict) -> tuple[dict[str, Tensor], dict]:
-    """Separate write/read adapters under the 8B release's names ("default" writes,
-    "decoder_adapter" reads) with add_decoder_lora and lora_config, so loading gives them back."""
+    """Separate write/read adapters as the 8B release stores them: the model's own (peft)
+    state-dict names, ``<module>.base_layer.weight`` for the wrapped weights and
+    ``<module>.lora_{A,B}.<adapter>.weight`` with "default" writing and "decoder_adapter"
+    reading, plus add_decoder_lora and a lora_config its modeling file can build from
+    (inference_mode, r, lora_alpha, lora_dropout, target_modules)."""
     if model.merged_read is not None:
         tensors = unmerge_read(model, tensors)
     roles = model.merged_read or model.adapter_roles
+    if roles["write"] is None or roles["read"] is None:
+        raise CheckpointError(f"the release layout needs a write and a read adapter, this model's roles are {roles}")
     rename = {roles["write"]: "default", roles["read"]: "decoder_adapter"}
     out = {}
     for k, v in tensors.items():
-        m = LORA_KEY.match(k.replace(".base_layer.", "."))
+        m = LORA_KEY.match(k)
         if m and m["adapter"] in rename:
             k = f"{m['module']}.lora_{m['ab']}.{rename[m['adapter']]}.weight"
-        out[k.replace(".base_layer.", ".")] = v
+        out[k] = v
     wrapped = {id(m) for m in model.lora_layers()}
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if id(m) in wrapped})
-    if model.merged_read is not None:  # r and a scale reproduce s_r (use_rslora would change it)
-        r = model.merged_read["r_read"]
-        lora = {"r": r, "lora_alpha": model.merged_read["scale_read"] * r, "use_rslora": False}
+    # one lora_config serves both adapters, and the release's LoraConfig has no use_rslora:
+    # r and lora_alpha = scale * r reproduce each adapter's scale exactly
+    if model.merged_read is not None:
+        info = model.merged_read
+        r, scales = info["r_read"], {(info["r_write"], info["scale_write"]), (info["r_read"], info["scale_read"])}
     else:
-        name, layer = roles["read"], model.lora_layers()[0]
-        lora = {"r": int(layer.r[name]), "lora_alpha": float(layer.lora_alpha[name]), "use_rslora": bool(getattr(layer, "use_rslora", {}).get(name, False))}
-    config = {**config, "add_decoder_lora": True, "lora_config": {**lora, "target_modules": targets}}
+        scales = {(int(layer.r[n]), float(layer.scaling[n])) for layer in model.lora_layers() for n in (roles["write"], roles["read"])}
+        r = next(iter(scales))[0]
+    if len(scales) != 1:
+        raise CheckpointError(f"the release layout has one lora_config for both adapters; their (rank, scale) differ: {sorted(scales)}")
+    (r, scale), = scales
+    dropout = _lora_dropout(model.lora_layers()[0], roles["read"])
+    given = {k: v for k, v in (model.config.lora_config or {}).items() if k not in ("r", "lora_alpha", "use_rslora", "target_modules")}
+    lora = {"inference_mode": True, "lora_dropout": dropout, **given, "r": r, "lora_alpha": scale * r, "target_modules": targets}
+    config = {**config, "add_decoder_lora": True, "lora_config": lora}
     return out, config
+
+
+def _lora_dropout(layer, adapter: str) -> float:
+    """peft's dropout probability of `adapter` on a LoRA layer (0 when it has none)."""
+    drops = getattr(layer, "lora_dropout", None)
+    return float(getattr(drops[adapter], "p", 0.0)) if drops is not None and adapter in drops else 0.0
+
+
+def _release_config(model: MemoryLLM, config: dict[str, Any]) -> dict[str, Any]:
+    """config.json in the form of the release whose rule the model follows
+    (``empty_pool_write``), so the authors' modeling file of that release loads the folder and
+    computes what this model computes; this project's own fields stay beside, and win on load.
+
+    * rope_scaling as the releases' configuration validates it: exactly ``type`` and a float
+      ``factor`` (a factor-1 linear scaling is none at all).
+    * Nothing left unmerged: ``add_decoder_lora: false`` and no ``lora_config`` (a merged
+      adapter's lora_config would make their file wrap the weights in a fresh LoRA).
+    * "7b": ``interpolate_position_ids`` says whether positions are interpolated, and the
+      8B-only keys (add_decoder_lora, lora_config) are left out: they mark the other lineage.
+    """
+    cfg = model.config
+    rs = config.get("rope_scaling")
+    if rs:
+        kind = rs.get("type", rs.get("rope_type"))
+        if kind in ("linear", "dynamic"):
+            factor = float(rs["factor"])
+            config["rope_scaling"] = None if kind == "linear" and factor == 1.0 else {"type": kind, "factor": factor}
+    if model.adapter_roles is None:
+        config.update(add_decoder_lora=False, lora_config=None)
+    if cfg.empty_pool_write == "7b":
+        config["interpolate_position_ids"] = cfg.position_scaling == "interpolate"
+        if not config["add_decoder_lora"]:
+            for key in RELEASE_8B_KEYS:
+                config.pop(key)
+    return config
 
 
 def _pool_tensors(cfg: MemoryLLMConfig, memory) -> dict[str, Tensor]:
@@ -347,6 +416,7 @@ def save_memoryllm_checkpoint(
     config = model.config.to_dict()
     if model.adapter_roles is not None:  # unmerged write/read adapters: the 8B release's layout
         tensors, config = _release_adapter_layout(model, tensors, config)
+    config = _release_config(model, config)
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 from ..config import BackboneConfig
 
 PositionScaling = Literal["none", "interpolate", "linear"]
+EmptyPoolWrite = Literal["7b", "8b"]
 
 # The one default memory shape (K new tokens per update, N = K * num_blocks per layer): the shape
 # the shipped default weights were trained with, used for any model unless its checkpoint or
@@ -30,6 +31,13 @@ class MemoryLLMConfig(BackboneConfig):
     # "linear" (8B release): positions /= (N + max_input_tokens) / max_position_embeddings
     position_scaling: PositionScaling = "none"
     max_input_tokens: int = 2048  # the input budget the "linear" scaling reserves after memory
+    # Where new_memory_positional_emb goes when an *empty* pool is written (the two releases
+    # differ; initialised pools are written alike). "7b" (7B-branch file): nowhere, the context
+    # runs as plain text. "8b" (main-branch file): on the last min(K, n) positions of every
+    # layer's input, and once more on every layer's new tokens but the last layer's (see
+    # MemoryLLM.positional_emb_weights). A published checkpoint's lineage picks it
+    # (lineage_fields); the default model and plain HF folders use "7b".
+    empty_pool_write: EmptyPoolWrite = "7b"
     min_inject_tokens: int = 16  # the releases warn that shorter contexts disturb memory
     max_inject_tokens: int = 512  # chunk limit: longer text is split and injected in order
 
@@ -47,6 +55,8 @@ class MemoryLLMConfig(BackboneConfig):
             raise ValueError(f"num_tokens and num_blocks must be >= 1, got {self.num_tokens}, {self.num_blocks}")
         if self.position_scaling not in ("none", "interpolate", "linear"):
             raise ValueError(f"position_scaling must be none, interpolate or linear, got {self.position_scaling!r}")
+        if self.empty_pool_write not in ("7b", "8b"):
+            raise ValueError(f"empty_pool_write must be '7b' or '8b', got {self.empty_pool_write!r}")
 
     # ---- derived sizes ----
     @property
@@ -75,3 +85,33 @@ class MemoryLLMConfig(BackboneConfig):
             "num_blocks": self.num_blocks,
             "vocab_size": self.vocab_size,
         }
+
+
+# The published configs' own field names for what the fields above say (see lineage_fields).
+RELEASE_8B_KEYS = ("add_decoder_lora", "lora_config")  # main-branch MemoryLLMConfig always writes both
+
+
+def lineage_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields a published MemoryLLM config.json implies without naming them, so that a
+    checkpoint behaves as the authors' file that produced it (explicit overrides still win).
+
+    * Saved by this project: ``empty_pool_write`` is stated; a save from before that field
+      existed has ``position_scaling`` but not it, and was written under the "7b" rule.
+    * Main branch (memoryllm-8b, -8b-chat, M+): its MemoryLLMConfig always writes
+      ``add_decoder_lora`` and ``lora_config`` (null when unused) -> "8b". Its modeling file has
+      no position interpolation (only ``rope_scaling``, read as the base model's own).
+    * Otherwise the 7B branch (memoryllm-7b), whose configuration file has neither key:
+      "7b"; ``interpolate_position_ids: true`` -> position_scaling "interpolate" (that file
+      ignores the flag when ``rope_scaling`` is set); its file draws one drop for all layers
+      and builds RoPE with base 10000 whatever the config says.
+    """
+    if "empty_pool_write" in raw:
+        return {}
+    if "position_scaling" in raw:
+        return {"empty_pool_write": "7b"}
+    if any(k in raw for k in RELEASE_8B_KEYS):
+        return {"empty_pool_write": "8b"}
+    fields: dict[str, Any] = {"empty_pool_write": "7b", "drop_memory_per_layer": False, "rope_theta": 10000.0}
+    if raw.get("interpolate_position_ids") and raw.get("rope_scaling") is None:
+        fields["position_scaling"] = "interpolate"
+    return fields

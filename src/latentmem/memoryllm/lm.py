@@ -28,7 +28,7 @@ from ..api import ForgetResult, Generation, InjectionError, InjectResult, Memory
 from ..backbone import KV
 from ..generate import SamplingParams, TextStream, decode
 from ..text import chunk_ids, left_pad, pad_token_id
-from .model import MemoryLLM
+from .model import MemoryLLM, self_update
 from .state import NEVER_WRITTEN, MemoryState, MemoryStateError
 
 
@@ -185,19 +185,8 @@ class MemoryLM:
         return results[0] if single else results
 
     def _update(self, states: list[MemoryState], chunk_ids: list[list[int]], injection_ids: list[int], undo: list | None = None) -> list[tuple[MemoryState, tuple]]:
-        """One self-update of each pool, in place. Each write's undo record is appended to `undo`
-        (returned) as soon as it is made, so a failure part-way through a round is undone too."""
-        undo = [] if undo is None else undo
-        cfg, dev = self.config, self.model.device
-        input_ids, mask = left_pad(chunk_ids, pad_token_id(self.tokenizer))
-        init = torch.tensor([s.initialized for s in states])
-        tails = torch.stack([s.tail(cfg.num_tokens) for s in states])
-        new_tokens, count = self.model.new_memory_tokens(tails, init.to(dev), input_ids.to(dev), mask.to(dev))
-        count = count.cpu()
-        for b, s in enumerate(states):
-            new = new_tokens[b, :, cfg.num_tokens - int(count[b]) :]
-            undo.append((s, s.write_update_(new, injection_ids[b], cfg.drop_memory_per_layer)))
-        return undo
+        """One self-update of each pool, in place (``model.self_update``)."""
+        return self_update(self.model, states, chunk_ids, injection_ids, pad_token_id(self.tokenizer), undo)
 
     def _check_state(self, s: MemoryState) -> None:
         c = self.config

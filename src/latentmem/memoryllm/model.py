@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..backbone import KV, Backbone, KVCache, attention_mask_for, rope_inv_freq
 from ..lora import AdapterRoles, adapter_role
+from ..text import left_pad
 from .config import MemoryLLMConfig
 from .state import tile_to
 
@@ -167,7 +168,9 @@ class MemoryLLM(AdapterRoles, nn.Module):
 
         Layout per row: [pad..., bos, memory[-K:], context]. Padding goes in front of
         everything so that "the last K positions" means the same in every row. Rows whose pool
-        is still empty run the context alone (bos and memory masked), as the releases do.
+        is still empty run the context alone (bos and memory masked), as the releases do; where
+        new_memory_positional_emb goes in them follows ``config.empty_pool_write``
+        (``positional_emb_weights``).
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -196,28 +199,51 @@ class MemoryLLM(AdapterRoles, nn.Module):
         positions = (frame_valid.long().cumsum(1) - 1).clamp(min=0)
         mask = attention_mask_for(frame_valid[:, :0], frame_valid)
         cos, sin = self.rope(positions, self.dtype)
-        # new_memory_positional_emb marks the last K positions of initialised rows
+        # new_memory_positional_emb on the last K positions of every layer's input, and on the
+        # new tokens of every layer but the last, per row (see positional_emb_weights)
+        on_input, on_new = (w.to(self.dtype)[:, None, None] for w in self.positional_emb_weights(init))
         mark = torch.zeros(B, P + T, 1, dtype=self.dtype, device=dev)
         mark[:, -K:] = 1.0
-        mark = mark * init[:, None, None].to(self.dtype)
+        mark = mark * on_input
 
         ctx = self.model.embed_tokens(input_ids)
+        emb = self.new_memory_positional_emb.to(ctx.dtype)
+        extra = on_new * emb if bool(on_new.any()) else None  # only "8b" rows with an empty pool
         outs = []
         tails = memory[:, :, -K:].unbind(1) if any_init else None  # unbind: see memory_prefix
+        last = len(self.model.layers) - 1
         for l, layer in enumerate(self.model.layers):
             prefix = self._with_bos(l, tails[l].to(ctx.dtype)) if any_init else ctx[:, :0]
             frame = torch.cat([prefix, ctx], dim=1).gather(1, gather[..., None].expand(-1, -1, ctx.shape[-1]))
-            frame = frame + mark * self.new_memory_positional_emb.to(ctx.dtype)
+            frame = frame + mark * emb
             out = layer(frame, cos, sin, mask)
             if out.shape[1] < K:  # a short context and no prefix: left-pad to K rows (count says which are real)
-                out_k = torch.cat([out.new_zeros(B, K - out.shape[1], out.shape[2]), out], dim=1)
-                outs.append(out_k)
+                new = torch.cat([out.new_zeros(B, K - out.shape[1], out.shape[2]), out], dim=1)
             else:
-                outs.append(out[:, -K:])
+                new = out[:, -K:]
+            outs.append(new + extra if extra is not None and l < last else new)
             # only context positions go on: undo the permutation for the context slots
             ctx = out.gather(1, self._context_slots(pads, P, T)[..., None].expand(-1, -1, out.shape[-1]))
         count = torch.where(init, K, n_ctx.clamp(max=K))
         return torch.stack(outs, dim=1), count
+
+    def positional_emb_weights(self, initialized: Tensor) -> tuple[Tensor, Tensor]:
+        """Where a self-update adds new_memory_positional_emb, per row: (on the last K positions
+        of every layer's input, on the new tokens of every layer but the last), as 0/1 [B].
+
+        An initialised pool: the input only (both releases). An empty pool depends on the
+        release (``config.empty_pool_write``):
+
+        * "7b" (7B-branch file): nowhere; the context runs as plain text.
+        * "8b" (main-branch file): the input too (its last min(K, n) positions: with an empty
+          pool the frame is the context alone). That file adds it in place to the tensor the
+          previous layer returned, which is also the tensor it keeps as that layer's new
+          tokens, so those carry the embedding once more: new_l = out_l[-K:] + emb for every
+          layer l but the last, whose output no later layer touches.
+        """
+        init = initialized.bool()
+        eight_b = torch.full_like(init, self.config.empty_pool_write == "8b")
+        return init | eight_b, ~init & eight_b
 
     @staticmethod
     def _context_slots(pads: Tensor, P: int, T: int) -> Tensor:
@@ -248,3 +274,22 @@ def update_pool(memory: Tensor | Sequence[Tensor], initialized: Tensor, new_toke
         survivors = pool.gather(1, idx[..., None].expand(-1, -1, d))
         rows.append(torch.cat([survivors, new], dim=1))
     return torch.stack(rows) if isinstance(memory, Tensor) else rows
+
+
+@torch.no_grad()
+def self_update(model: MemoryLLM, states: Sequence, chunk_ids: list[list[int]], injection_ids: list[int], pad: int, undo: list | None = None) -> list:
+    """One self-update of each pool (``MemoryState``s, in place) with one chunk of token ids each:
+    the library's write (``MemoryLM.inject``) and training's integrity rule alike. New tokens come
+    from ``new_memory_tokens`` on each pool's last K tokens; ``write_update_`` drops K old ones
+    with the pool's own generator. Each write's undo record is appended to ``undo`` (returned)
+    as soon as it is made, so a failure part-way through a batch can be undone too."""
+    undo = [] if undo is None else undo
+    K, dev = model.config.num_tokens, model.device
+    input_ids, mask = left_pad(chunk_ids, pad, dev)
+    init = torch.tensor([s.initialized for s in states], device=dev)
+    tails = torch.stack([s.tail(K).to(dev) for s in states])
+    new_tokens, count = model.new_memory_tokens(tails, init, input_ids, mask)
+    for b, s in enumerate(states):
+        new = new_tokens[b, :, K - int(count[b]) :].to(s.memory.device)
+        undo.append((s, s.write_update_(new, injection_ids[b], model.config.drop_memory_per_layer)))
+    return undo

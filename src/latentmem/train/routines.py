@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..memoryllm.model import MemoryLLM, update_pool
+from ..memoryllm.model import MemoryLLM, self_update, update_pool
 from ..memoryllm.state import MemoryState, draw_keep
 from ..text import left_pad
 from .data import TrainData
@@ -194,14 +194,9 @@ def write_contexts(model: MemoryLLM, pool: MemoryState, contexts: list[list[int]
     gradient. It is the library's write (``MemoryLM.inject`` of one chunk): new tokens from
     ``new_memory_tokens`` on the pool's last K tokens, then ``MemoryState.write_update_``, whose
     drops come from the pool's own generator; each context counts as one injection."""
-    K, dev = model.config.num_tokens, model.device
     for ctx in contexts:
-        ids, mask = left_pad([ctx], pad, dev)
-        init = torch.tensor([pool.initialized], device=dev)
-        new, count = model.new_memory_tokens(pool.tail(K)[None].to(dev), init, ids, mask)
         pool.last_injection_id += 1
-        new = new[0, :, K - int(count[0]) :].to(pool.memory.device)
-        pool.write_update_(new, pool.last_injection_id, model.config.drop_memory_per_layer)
+        self_update(model, [pool], [ctx], [pool.last_injection_id], pad)
 
 
 def inject(model: MemoryLLM, memory: Tensor, init: Tensor, rows: list[list[int]], gen: torch.Generator, pad: int) -> tuple[Tensor, Tensor, Tensor]:
