@@ -27,26 +27,14 @@ def get_lm(options: dict):
     # An untrained default has a randomly initialised bos_embedding: seed torch so that every
     # evaluation (and a resumed integrity run) sees the same model.
     torch.manual_seed(0)
-    kw = {}
-    for k in ("num_tokens", "num_blocks"):
-        if options.get(k) is not None:
-            kw[k] = int(options[k])
-    weights = options.get("weights")
-    if options.get("trained") is False or weights is not None:
-        if options.get("model") is not None:
-            raise ValueError("--untrained / --weights apply to the embedded default model only")
-        if options.get("trained") is False and weights is not None:
-            raise ValueError("--untrained and --weights contradict each other")
+    kw = {k: int(options[k]) for k in ("num_tokens", "num_blocks") if options.get(k) is not None}
+    if options.get("trained") is False:
         kw["trained"] = False
-    if weights is None:
-        return load(options.get("model"), **kw)
-    from ..memoryllm.checkpoint import apply_trained_weights, load_default, trained_shape
-    from ..memoryllm.lm import MemoryLM
-
-    shape = trained_shape(Path(weights))  # the memory shape the weights were trained with, unless given
-    model, tokenizer = load_default(**{**shape, **kw})
-    model.applied_weights = apply_trained_weights(model, weights)
-    return MemoryLM(model, tokenizer, name=f"SmolLM2-135M-Instruct + {Path(weights).name}")
+    if options.get("weights") is not None:
+        kw["weights"] = options["weights"]
+    if options.get("trained") is False and options.get("model") is not None:
+        raise ValueError("--untrained applies to the embedded default model only")
+    return load(options.get("model"), design=options.get("design") or "memoryllm", **kw)
 
 
 def set_threads(n: int | None) -> None:

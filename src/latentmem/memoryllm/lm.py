@@ -486,10 +486,23 @@ class MemoryLM:
             return self.model(torch.tensor([list(ids)], device=self.model.device))[0]
 
 
-def load(path=None, **kwargs) -> MemoryLM:
+def load(path=None, *, weights=None, **kwargs) -> MemoryLM:
     """A MemoryLM from a local folder (HF Llama-family model or MemoryLLM checkpoint), or the
-    embedded SmolLM2-135M default when path is None."""
+    embedded SmolLM2-135M default when path is None (with its shipped trained weights unless
+    ``trained=False``, or the trained-weights file ``weights``, `memoryllm train`'s export, in
+    their place: the memory shape recorded in that file unless num_tokens/num_blocks are given)."""
+    from pathlib import Path
+
     from . import checkpoint
 
-    model, tokenizer = checkpoint.load(path, **kwargs)
-    return MemoryLM(model, tokenizer, name=str(path) if path else "SmolLM2-135M-Instruct (embedded default)")
+    if weights is None:
+        model, tokenizer = checkpoint.load(path, **kwargs)
+        return MemoryLM(model, tokenizer, name=str(path) if path else "SmolLM2-135M-Instruct (embedded default)")
+    if path is not None:
+        raise ValueError("trained weights (weights=, --weights) apply to the embedded default model only")
+    if kwargs.pop("trained", None) is False:
+        raise ValueError("trained=False (--untrained) and weights= (--weights) contradict each other")
+    shape = checkpoint.trained_shape(Path(weights))
+    model, tokenizer = checkpoint.load_default(**{**shape, **kwargs}, trained=False)
+    model.applied_weights = checkpoint.apply_trained_weights(model, weights)
+    return MemoryLM(model, tokenizer, name=f"SmolLM2-135M-Instruct + {Path(weights).name}")
