@@ -47,7 +47,40 @@ def _memoryllm_break_nth_write(lm, monkeypatch, n):
     monkeypatch.setattr(type(lm), "_update", failing)
 
 
-DESIGNS = [Design("memoryllm", tiny_lm, _memoryllm_reference, _memoryllm_break_nth_write)]
+# Larimar's read depends on the query: its reference takes the query from the prompts the last
+# call read with (``lm.last_reads``; see test_larimar.read_query)
+from test_larimar import larimar_break_nth_write, larimar_reference, tiny_larimar  # noqa: E402
+
+
+def _longmem_reference(lm, memory, ids):
+    from test_longmem import ref_logits as longmem_ref_logits
+
+    return longmem_ref_logits(lm, memory, ids)
+
+
+def _longmem_make(seed):
+    from test_longmem import tiny_longmem
+
+    return tiny_longmem(seed)
+
+
+def _longmem_break_nth_write(lm, monkeypatch, n):
+    real, calls = type(lm)._write, [0]
+
+    def failing(self, *a, **k):  # one segment into every bank of the batch
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError("interrupted")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(lm), "_write", failing)
+
+
+DESIGNS = [
+    Design("memoryllm", tiny_lm, _memoryllm_reference, _memoryllm_break_nth_write),
+    Design("longmem", _longmem_make, _longmem_reference, _longmem_break_nth_write),
+    Design("larimar", tiny_larimar, larimar_reference, larimar_break_nth_write),
+]
 
 
 @pytest.fixture(params=DESIGNS, ids=lambda d: d.name)

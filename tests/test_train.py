@@ -349,15 +349,15 @@ def test_design_picks_the_recipe(tmp_path, monkeypatch):
     and another design's recipe runs on the same engine, its state checkpointed and resumed."""
     assert TrainConfig().design == "memoryllm" and isinstance(recipe_for(TrainConfig()), MemoryLLMRecipe)
     assert (TrainConfig().num_tokens, TrainConfig().num_blocks) == (128, 4)  # the embedded default's shape
-    with pytest.raises(ConfigError, match=r"unknown design 'longmem'; available: memoryllm"):
-        TrainConfig(design="longmem")
+    with pytest.raises(ConfigError, match=r"unknown design 'hopfield'; available: larimar, longmem, memoryllm"):
+        TrainConfig(design="hopfield")
     cfg = TrainConfig()
-    cfg.design = "larimar"  # set after validation: recipe_for checks again
-    with pytest.raises(ConfigError, match="available: memoryllm"):
+    cfg.design = "hopfield"  # set after validation: recipe_for checks again
+    with pytest.raises(ConfigError, match="available: larimar, longmem, memoryllm"):
         recipe_for(cfg)
     from latentmem.cli import main
 
-    assert main(["train", "design=larimar", "--print-config"]) == 2
+    assert main(["train", "design=hopfield", "--print-config"]) == 2
 
     monkeypatch.setitem(RECIPES, "toy", f"{__name__}:ToyRecipe")
     kw = dict(design="toy", steps=4, grad_accum=2, checkpoint_every=1, progress=False, warmup_steps=0, lr=1e-1)

@@ -4,6 +4,8 @@ Text is written into memory without back-propagation, recalled later and forgott
 Each memory design is a subpackage behind one interface (``latentmem.api.MemoryModel``):
 
     memoryllm   MemoryLLM (ICML 2024): a fixed-size pool of hidden states per layer, self-updated
+    larimar     Larimar (ICML 2024): an episodic memory matrix written in one shot, forgettable per fact
+    longmem     LongMem (NeurIPS 2023): a bank of cached keys/values, read by a SideNet through retrieval
 
     import latentmem
     lm = latentmem.load()                    # the embedded SmolLM2-135M default, design="memoryllm"
@@ -32,7 +34,7 @@ from .api import (
 __version__ = "0.2.0"
 
 # design name -> the module whose load(path, **options) returns a MemoryModel
-DESIGNS: dict[str, str] = {"memoryllm": "latentmem.memoryllm"}
+DESIGNS: dict[str, str] = {"memoryllm": "latentmem.memoryllm", "longmem": "latentmem.longmem", "larimar": "latentmem.larimar"}
 
 
 def load(path: Any = None, design: str = "memoryllm", **options: Any) -> MemoryModel:

@@ -43,6 +43,8 @@ from .data import TrainData, load_train_data
 # never loads another's)
 RECIPES: dict[str, str] = {
     "memoryllm": "latentmem.train.memoryllm:MemoryLLMRecipe",
+    "longmem": "latentmem.train.longmem:LongMemRecipe",
+    "larimar": "latentmem.train.larimar:LarimarRecipe",
 }
 
 
