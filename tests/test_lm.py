@@ -221,7 +221,7 @@ def test_generate_batch_equals_separate_generate_calls():
     lm = tiny_lm(seed=4)
     memories = [filled_memory(lm, 1), None, lm.new_memory(), filled_memory(lm, 2, CORPUS[3:5])]
     prompts = ["Where does Alice live?", "hello world", "Paris is", "When is the meeting moved to Thursday?"]
-    for chat in (False, None):  # plain prompts, then the tokenizer's chat template
+    for chat in (False, None, True):  # as given, the default plain form (questions as Question/Answer), the chat template
         batch = lm.generate_batch(memories, prompts, chat=chat, max_new_tokens=8)
         for m, p, got in zip(memories, prompts, batch):
             alone = lm.generate(m, p, chat=chat, max_new_tokens=8)
@@ -378,7 +378,7 @@ def test_default_model_injects_and_answers():
     )
     result = lm.inject(mem, passage)
     assert (result.num_chunks, mem.update_count, mem.initialized) == (1, 1, True)
-    answer = lm.generate(mem, "Who founded Zorblat Industries?", max_new_tokens=8)
+    answer = lm.generate(mem, "Who founded Zorblat Industries?", chat=True, max_new_tokens=8)  # the template (no longer the default)
     # Only non-empty: the default model's memory parts are untrained, and it answers from an
     # untrained memory with whitespace (measured: '\n' x 8); fluent answers need training.
     assert answer.text and answer.token_ids and answer.prompt_tokens > 0

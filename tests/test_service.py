@@ -1,10 +1,17 @@
 """The HTTP service on a tiny model: API keys, tenant isolation (another tenant's memory is 404),
-name validation, 413/422 bounds, streaming, the generate micro-batcher, concurrent clients on
-loopback (no lost or duplicated injection), and hypothesis-fuzzed request bodies (never a 500)."""
+name validation, 413/422 bounds, streaming (with finish reason and counts), the generate
+micro-batcher, concurrent clients on loopback (no lost or duplicated injection), hypothesis-fuzzed
+request bodies (never a 500), JSON bodies whatever their content type, a typed OpenAPI document
+with declared errors, offline docs, the OpenAI-compatible chat completions (plain HTTP shaped like
+the official client, and the official client itself when installed), and `memoryllm serve` as a
+process: start-up and shutdown lines, access log, a busy data directory refused before the model loads."""
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
+import re
 import socket
 import threading
 import time
@@ -17,8 +24,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from latentmem.store.service import GenerateBatcher, KeyStore, ServiceSettings, create_app
 from latentmem.store import MemoryStore
+from latentmem.store.service import GenerateBatcher, KeyStore, ServiceSettings, create_app
 
 torch.set_num_threads(1)
 
@@ -337,5 +344,410 @@ def test_verify_command_line(tmp_path, capsys, monkeypatch):
     assert "acme/a: ok: 2 injections replayed" in out and "globex/b: ok" in out
     with sqlite3.connect(data / "store.db") as db:
         db.execute("UPDATE ledger SET text=? WHERE injection_id=2", (CORPUS[3],))
-    assert main(["verify", "--data", str(data), "--tenant", "acme", "a"]) == 1
+    from latentmem.cli.options import EXIT_MISMATCH  # issue 14: a mismatch (3) is told from an error (2); it was 1
+
+    assert main(["verify", "--data", str(data), "--tenant", "acme", "a"]) == EXIT_MISMATCH
     assert "MISMATCH" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 14: the service's conventions
+# ---------------------------------------------------------------------------------------------
+# the errors each route can answer (beyond the auto-documented ones); every /v1 route needs a key
+ROUTE_ERRORS = {
+    ("post", "/v1/memories"): {401, 403, 409, 413, 422},
+    ("get", "/v1/memories"): {401},
+    ("get", "/v1/memories/{name}"): {401, 404, 422},
+    ("delete", "/v1/memories/{name}"): {401, 404, 422},
+    ("post", "/v1/memories/{name}/inject"): {401, 404, 413, 422},
+    ("post", "/v1/memories/{name}/generate"): {401, 404, 413, 422},
+    ("get", "/v1/memories/{name}/ledger"): {401, 404, 422},
+    ("post", "/v1/memories/{name}/snapshots"): {401, 404, 409, 413, 422},
+    ("get", "/v1/memories/{name}/snapshots"): {401, 404, 422},
+    ("delete", "/v1/memories/{name}/snapshots/{label}"): {401, 404, 422},
+    ("post", "/v1/memories/{name}/rollback"): {401, 404, 413, 422},
+    ("post", "/v1/memories/{name}/forget"): {401, 404, 409, 413, 422},
+    ("get", "/v1/memories/{name}/diff"): {401, 404, 422},
+    ("get", "/v1/memories/{name}/verify"): {401, 404, 422},
+    ("get", "/v1/memories/{name}/export"): {401, 404, 422},
+    ("put", "/v1/memories/{name}/import"): {400, 401, 409, 413, 422},
+    ("get", "/health"): set(),
+    ("get", "/metrics"): set(),
+    ("get", "/v1/models"): {401},
+    ("get", "/v1/models/{model_id}"): {401, 404},
+    ("post", "/v1/chat/completions"): {400, 401, 404, 413},
+}
+
+
+def test_openapi_routes_are_typed_and_declare_their_errors(env):
+    doc = env[0].app.openapi()
+    schemas = doc["components"]["schemas"]
+    seen = set()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            seen.add((method, path))
+            ok = {code: r for code, r in op["responses"].items() if code.startswith("2")}
+            assert ok, (method, path)
+            for code, r in ok.items():
+                if code == "204":
+                    assert not r.get("content"), (method, path)
+                    continue
+                assert r.get("content"), (method, path, code)
+                for media, c in r["content"].items():
+                    schema = c.get("schema")
+                    assert schema and schema != {}, (method, path, media)  # no untyped answer
+                    if "$ref" in schema:
+                        assert schemas[schema["$ref"].rsplit("/", 1)[-1]].get("properties"), (method, path)
+            declared = {int(c) for c in op["responses"] if c.isdigit() and not c.startswith("2")}
+            assert ROUTE_ERRORS[(method, path)] <= declared, (method, path, declared)
+            for code in declared:
+                content = op["responses"][str(code)].get("content", {})
+                assert content.get("application/json", {}).get("schema"), (method, path, code)  # errors are typed too
+    assert seen == set(ROUTE_ERRORS)  # a new route must be added to the table above
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_json_bodies_whatever_the_content_type(env):
+    c, store, _, h1, _ = env
+    body = json.dumps({"name": "a", "seed": 1})
+    for ctype in ["application/x-www-form-urlencoded", "text/plain", None, "application/json; charset=utf-8"]:
+        headers = h1 | ({"content-type": ctype} if ctype else {})
+        r = c.post("/v1/memories", content=body, headers=headers)
+        assert r.status_code in (201, 409), (ctype, r.text)
+        c.delete("/v1/memories/a", headers=h1)
+    r = c.post("/v1/memories", content=b"name=a&seed=1", headers=h1 | {"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("request body is not valid JSON")
+    r = c.post("/v1/memories", content=b"\xff\xfe{", headers=h1)
+    assert r.status_code in (400, 422) and "detail" in r.json()
+    assert store.names(tenant="acme") == []
+
+
+def test_stream_done_carries_finish_reason_and_token_counts(env, monkeypatch):
+    c, store, _, h1, _ = env
+    c.post("/v1/memories", json={"name": "a", "seed": 3}, headers=h1)
+    c.post("/v1/memories/a/inject", json={"text": CORPUS[0]}, headers=h1)
+
+    def done_of(body):
+        with c.stream("POST", "/v1/memories/a/generate", json=body | {"stream": True}, headers=h1) as s:
+            events = [e for e in s.read().decode().split("\n\n") if e]
+        head, data = events[-1].split("\n")
+        assert head == "event: done"
+        return json.loads(data[len("data: "):]), "".join(json.loads(e[len("data: "):])["text"] for e in events[:-1])
+
+    # the designs' stream reports no counts yet: finish reason and prompt tokens are exact, the
+    # completion tokens an estimate from the text (see Service.stream)
+    for body in ({"prompt": "Where does Alice live?", "max_new_tokens": 8}, {"prompt": "Who?", "max_new_tokens": 16, "stop": ["e"]}):
+        plain = c.post("/v1/memories/a/generate", json=body, headers=h1).json()
+        done, text = done_of(body)
+        assert text == plain["text"]
+        assert (done["finish_reason"], done["prompt_tokens"]) == (plain["finish_reason"], plain["prompt_tokens"]), (body, done, plain)
+        assert 1 <= done["completion_tokens"] <= body["max_new_tokens"]
+        if plain["finish_reason"] == "length":
+            assert done["completion_tokens"] == plain["completion_tokens"]
+    # a design whose stream returns its Generation gives its own counts (exact by construction)
+    lm, who = store.lm, c.post("/v1/memories/a/generate", json={"prompt": "Who?", "max_new_tokens": 8}, headers=h1).json()
+
+    def stream(memory, prompt, **sampling):
+        g = type(lm).generate(lm, memory, prompt, **sampling)
+        yield g.text
+        return dataclasses.replace(g, finish_reason="stop", token_ids=[0] * 5)
+
+    monkeypatch.setattr(lm, "stream", stream, raising=False)
+    assert done_of({"prompt": "Who?", "max_new_tokens": 8})[0] == {"finish_reason": "stop", "prompt_tokens": who["prompt_tokens"], "completion_tokens": 5}
+
+
+def test_errors_inside_a_stream_are_reported_in_band(env, monkeypatch):
+    c, store, _, h1, _ = env
+    c.post("/v1/memories", json={"name": "a"}, headers=h1)
+
+    def broken(memory, prompt, **sampling):
+        yield "half"
+        raise ValueError("the model broke")
+
+    monkeypatch.setattr(store.lm, "stream", broken, raising=False)
+    with c.stream("POST", "/v1/memories/a/generate", json={"prompt": "hi", "stream": True}, headers=h1) as s:
+        events = [e for e in s.read().decode().split("\n\n") if e]
+    assert events[0] == 'data: {"text": "half"}' and events[-1].startswith("event: error")
+    assert json.loads(events[-1].split("data: ")[1]) == {"detail": "the model broke", "status": 422}
+
+    def refuses(memory, prompt, **sampling):  # fails before its first piece: an HTTP error, no stream
+        raise ValueError("prompt is empty")
+        yield
+
+    monkeypatch.setattr(store.lm, "stream", refuses, raising=False)
+    r = c.post("/v1/memories/a/generate", json={"prompt": "hi", "stream": True}, headers=h1)
+    assert r.status_code == 422 and r.json() == {"detail": "prompt is empty"}
+    r = c.post("/v1/chat/completions", json={"model": "m", "user": "a", "stream": True, "messages": [{"role": "user", "content": "hi"}]}, headers=h1)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "prompt is empty"
+
+
+def test_docs_work_offline(tmp_path):
+    from latentmem.store.app import docs_assets
+
+    store = MemoryStore(tmp_path / "data", tiny_lm())
+    try:
+        assets = docs_assets()
+        for docs in ([True] if assets else []) + [None]:
+            app = create_app(store, KeyStore(store.dir), LIMITS, docs=docs)
+            c = TestClient(app)
+            page = c.get("/docs")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            assert "http://" not in page.text.replace("http://127.0.0.1", "") and "https://" not in page.text  # nothing from a CDN
+            if docs is True:
+                for url in re.findall(r'(?:src|href)="([^"]+)"', page.text) + ["/docs/assets/redoc.standalone.js"]:
+                    assert c.get(url).status_code == 200, url
+                redoc = c.get("/redoc").text
+                assert "/docs/assets/redoc.standalone.js" in redoc and "https://" not in redoc
+            else:  # the plain reference page: every route, every schema
+                for path in app.openapi()["paths"]:
+                    assert html.escape(path) in page.text
+                assert "ChatCompletion" in page.text and "<script" not in page.text
+            assert c.get("/openapi.json").status_code == 200
+            app.state.batcher.close()
+    finally:
+        store.close()
+
+
+def test_export_leaves_no_temp_file(env):
+    c, store, _, h1, _ = env
+    assert c.get("/v1/memories/none/export", headers=h1).status_code == 404
+    c.post("/v1/memories", json={"name": "a"}, headers=h1)
+    assert c.get("/v1/memories/a/export", headers=h1).status_code == 200
+    r = c.put("/v1/memories/b/import", content=b"PK junk", headers=h1)
+    assert r.status_code == 400 and str(store.dir) not in r.json()["detail"]  # no server path in the message
+    leftovers = [p for p in store.dir.rglob("*.zip")]
+    assert leftovers == []
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible chat completions
+# ---------------------------------------------------------------------------------------------
+# what the official Python client sends (openai 1.x-3.x): these headers and a JSON body
+OPENAI_HEADERS = {"Accept": "application/json", "Content-Type": "application/json", "User-Agent": "OpenAI/Python 1.99.9",
+                  "X-Stainless-Lang": "python", "X-Stainless-Package-Version": "1.99.9", "X-Stainless-OS": "Linux", "X-Stainless-Arch": "x64",
+                  "X-Stainless-Runtime": "CPython", "X-Stainless-Runtime-Version": "3.11.9", "x-stainless-retry-count": "0",
+                  "x-stainless-read-timeout": "600"}
+
+
+def openai_post(c, key, body, **headers):
+    return c.post("/v1/chat/completions", content=json.dumps(body, separators=(",", ":")),
+                  headers=OPENAI_HEADERS | {"Authorization": f"Bearer {key}"} | headers)
+
+
+@pytest.fixture
+def chat_env(env):
+    c, store, _, h1, h2 = env
+    for name, text in (("alice", CORPUS[3]), ("bob", CORPUS[1])):
+        c.post("/v1/memories", json={"name": name, "seed": 1}, headers=h1)
+        c.post(f"/v1/memories/{name}/inject", json={"text": text}, headers=h1)
+    return c, store, h1["Authorization"].split()[1], h1, h2
+
+
+def test_chat_completions_over_plain_http(chat_env):
+    c, store, key, h1, _ = chat_env
+    q = "Where does Alice live?"
+    expect = c.post("/v1/memories/alice/generate", json={"prompt": q, "max_new_tokens": 8}, headers=h1).json()
+    body = {"messages": [{"role": "user", "content": q}], "model": "gpt-4o-mini", "max_tokens": 8, "user": "alice"}
+    r = openai_post(c, key, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-") and out["model"] == "gpt-4o-mini"
+    [choice] = out["choices"]
+    assert choice["message"] == {"role": "assistant", "content": expect["text"]}  # the answer reads that memory
+    assert choice["finish_reason"] == expect["finish_reason"] and choice["index"] == 0
+    assert out["usage"] == {"prompt_tokens": expect["prompt_tokens"], "completion_tokens": expect["completion_tokens"],
+                            "total_tokens": expect["prompt_tokens"] + expect["completion_tokens"]}
+    # X-Memory wins over user; content as a list of text parts; max_completion_tokens
+    bob = c.post("/v1/memories/bob/generate", json={"prompt": q, "max_new_tokens": 8}, headers=h1).json()["text"]
+    parts = body | {"messages": [{"role": "user", "content": [{"type": "text", "text": "Where does "}, {"type": "text", "text": "Alice live?"}]}],
+                    "max_tokens": None, "max_completion_tokens": 8}
+    assert openai_post(c, key, parts, **{"X-Memory": "bob"}).json()["choices"][0]["message"]["content"] == bob
+    # a conversation goes through the chat template; stop strings; seeded sampling
+    conv = body | {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}], "stop": ["e"],
+                   "temperature": 0.7, "top_p": 0.9, "seed": 5}
+    first, again = (openai_post(c, key, conv).json() for _ in range(2))
+    assert first["choices"][0]["message"] == again["choices"][0]["message"] and "e" not in first["choices"][0]["message"]["content"]
+    assert first["usage"]["prompt_tokens"] > out["usage"]["prompt_tokens"]
+    # models
+    models = c.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [store.lm.name]
+
+
+def test_chat_completions_streamed_in_openai_chunks(chat_env):
+    c, _, key, h1, _ = chat_env
+    q = "Where does Alice live?"
+    expect = c.post("/v1/memories/alice/generate", json={"prompt": q, "max_new_tokens": 8}, headers=h1).json()
+    body = {"messages": [{"role": "user", "content": q}], "model": "m", "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+    with c.stream("POST", "/v1/chat/completions", content=json.dumps(body), headers=OPENAI_HEADERS | {"Authorization": f"Bearer {key}", "X-Memory": "alice"}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in s.read().decode().split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert len({ch["id"] for ch in chunks}) == 1 and all(ch["object"] == "chat.completion.chunk" for ch in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    assert text == expect["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == expect["finish_reason"] and chunks[-2]["choices"][0]["delta"] == {}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == expect["completion_tokens"]
+    # without include_usage: no usage chunk
+    with c.stream("POST", "/v1/chat/completions", content=json.dumps(body | {"stream_options": None, "user": "alice"}),
+                  headers=OPENAI_HEADERS | {"Authorization": f"Bearer {key}"}) as s:
+        lines = [line for line in s.read().decode().split("\n\n") if line]
+    assert "usage" not in json.loads(lines[-2][len("data: "):])
+
+
+def test_chat_completions_errors_in_openai_shape(chat_env):
+    c, store, key, _, h2 = chat_env
+    ok = {"messages": [{"role": "user", "content": "hi"}], "model": "m", "user": "alice"}
+    other_key = h2["Authorization"].split()[1]
+    cases = [
+        (ok, {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
+        (ok, {"Authorization": f"Bearer {other_key}"}, 404, "not_found"),  # another tenant's memory: as missing
+        (ok | {"user": "nobody"}, {}, 404, "not_found"),
+        (ok | {"user": None}, {}, 400, None),  # no memory chosen
+        (ok | {"user": "../x"}, {}, 400, None),
+        (ok | {"messages": []}, {}, 400, None),
+        (ok | {"max_tokens": 17}, {}, 400, None),  # over the server's limit (16 here)
+        (ok | {"n": 2}, {}, 400, None),
+        (ok | {"tools": [{"type": "function", "function": {"name": "f"}}]}, {}, 400, None),
+        (ok | {"temperature": 3}, {}, 400, None),
+        ({"model": "m", "user": "alice"}, {}, 400, None),
+        (ok | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, {}, 400, None),
+    ]
+    for body, headers, status, code in cases:
+        r = openai_post(c, key, body, **headers)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"] == "invalid_request_error", err
+        assert code is None or err["code"] == code, err
+    assert openai_post(c, key, ok | {"messages": []}).json()["error"]["param"] == "messages"
+    r = c.post("/v1/chat/completions", content=b"{not json", headers=OPENAI_HEADERS | {"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    big = ok | {"messages": [{"role": "user", "content": "x" * 20_000}]}
+    r = openai_post(c, key, big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert [h.kind for h in store.history("alice", tenant="acme")] == ["create", "inject"]
+
+
+def test_the_openai_package_talks_to_the_service(tmp_path):
+    openai = pytest.importorskip("openai")
+    store = MemoryStore(tmp_path / "data", tiny_lm())
+    keys = KeyStore(store.dir)
+    key = keys.create("acme")[1]
+    app = create_app(store, keys, LIMITS)
+    store.create("alice", seed=1, tenant="acme")
+    store.inject("alice", CORPUS[3], tenant="acme")
+    q = "Where does Alice live?"
+    expect = store.generate("alice", q, max_new_tokens=8, tenant="acme")
+    with LoopbackServer(app) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0)
+        out = client.chat.completions.create(model="latentmem", messages=[{"role": "user", "content": q}], max_tokens=8, user="alice")
+        assert out.choices[0].message.content == expect.text and out.usage.completion_tokens == len(expect.token_ids)
+        stream = client.chat.completions.create(model="latentmem", messages=[{"role": "user", "content": q}], max_tokens=8, stream=True,
+                                                extra_headers={"X-Memory": "alice"}, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expect.text
+        assert chunks[-1].usage.total_tokens == expect.prompt_tokens + len(expect.token_ids)
+        assert [m.id for m in client.models.list()] == [store.lm.name]
+        with pytest.raises(openai.NotFoundError, match="not found"):
+            client.chat.completions.create(model="latentmem", messages=[{"role": "user", "content": q}], user="nobody")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+                model="latentmem", messages=[{"role": "user", "content": q}], user="alice")
+        with pytest.raises(openai.BadRequestError, match="choose the memory"):
+            client.chat.completions.create(model="latentmem", messages=[{"role": "user", "content": q}])
+    app.state.batcher.close()
+    store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# memoryllm serve as a process
+# ---------------------------------------------------------------------------------------------
+SERVE_DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+import conftest, latentmem
+if {fail_load}:
+    def load(*a, **k):
+        print("MODEL LOADED", file=sys.stderr)
+        raise SystemExit(99)
+    latentmem.load = load
+else:
+    latentmem.load = lambda *a, **k: conftest.tiny_lm()
+from latentmem.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def serve_process(data, *args, fail_load=False):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = SERVE_DRIVER.format(tests=str(Path(__file__).parent), fail_load=fail_load)
+    return subprocess.Popen([sys.executable, "-c", code, "serve", "--data", str(data), "--port", "0", "--threads", "1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_serve_prints_start_and_stop_lines_and_an_access_log(tmp_path):
+    import signal as signals
+
+    data = tmp_path / "data"
+    key = KeyStore(data).create("acme")[1]
+    proc = serve_process(data, "--log-level", "info")
+    try:
+        line = ""
+        deadline = time.time() + 120
+        while "listening on" not in line and time.time() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        m = re.search(r"listening on (http://127\.0\.0\.1:(\d+)) \(model tiny, design memoryllm, data (\S+) with 0 memories", line)
+        assert m, line
+        url = m.group(1)
+        assert m.group(3) == str(data.resolve())
+        r = httpx.post(f"{url}/v1/memories", content='{"name": "alice"}', headers={"Authorization": f"Bearer {key}"}, timeout=60)  # curl -d style
+        assert r.status_code == 201, r.text
+        proc.send_signal(signals.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert '"POST /v1/memories HTTP/1.1" 201' in out  # uvicorn's access log, on stdout
+    assert re.search(r"memoryllm serve: stopped after \d+ s, 1 requests served", err), err
+    assert "Traceback" not in err
+
+
+def test_serve_refuses_a_busy_data_directory_before_loading_the_model(tmp_path):
+    data = tmp_path / "data"
+    with MemoryStore(data, tiny_lm()):  # another server holds it
+        proc = serve_process(data, fail_load=True)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memoryllm serve: error: ") and "in use by another process" in lines[0], err
+    assert "MODEL LOADED" not in err
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    import latentmem
+    from latentmem.cli import main
+
+    monkeypatch.setattr(latentmem, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--data", str(tmp_path / "d"), "--port", str(port)]) == 2
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_keys_command_line_for_scripts(tmp_path, capsys):
+    from latentmem.cli import main
+
+    data = tmp_path / "d"
+    assert main(["keys", "create", "--data", str(data), "--tenant", "acme", "--quiet"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("mlk_") and KeyStore(data).tenant(key) == "acme"
+    assert main(["keys", "list", "--data", str(tmp_path / "typo")]) == 2
+    assert "no API keys in" in capsys.readouterr().err and not (tmp_path / "typo").exists()

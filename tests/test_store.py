@@ -449,7 +449,7 @@ def test_import_refuses_damaged_manifests_and_leaves_nothing(store, tmp_path):
     store.inject("a", CORPUS[0])
     good = store.export("a", tmp_path / "a.zip")
     with zipfile.ZipFile(good) as z:
-        manifest, files = json.loads(z.read("manifest.json")), {n: z.read(n) for n in ("live.safetensors", "base.safetensors")}
+        manifest, files = json.loads(z.read("manifest.json")), {n: z.read(n) for n in z.namelist() if n != "manifest.json"}
     damages = {"no seed": lambda m: m.pop("seed"), "ledger not a list": lambda m: m.update(ledger=3),
                "repeated seq": lambda m: m["ledger"].append(m["ledger"][0]), "text as object": lambda m: m["ledger"][1].update(text={"x": 1})}
     for what, damage in damages.items():
@@ -465,3 +465,79 @@ def test_import_refuses_damaged_manifests_and_leaves_nothing(store, tmp_path):
         assert store.names() == ["a"], what
     assert sorted(p.name for p in (store.dir / "pools").iterdir()) == [str(store._pool("a", "")["id"])]
     assert list((store.dir / "staging").iterdir()) == []
+
+
+def test_export_is_deflated_and_leaves_out_the_empty_base(store, tmp_path):
+    """Issue 14: a one-injection export carried an empty base pool, uncompressed. The base that is
+    the creation state is left out (import rebuilds it), members are deflated, and the import is
+    the same pool bit for bit, replay included."""
+    import json
+    import zipfile
+
+    store.create("a", seed=9)
+    store.inject("a", CORPUS[0])
+    path = store.export("a", tmp_path / "a.zip")
+    with zipfile.ZipFile(path) as z:
+        assert sorted(z.namelist()) == ["live.safetensors", "manifest.json"]
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
+        manifest = json.loads(z.read("manifest.json"))
+        live_size = z.getinfo("live.safetensors").file_size
+    assert (manifest["format"], manifest["empty"], manifest["base_is_live"]) == ("memoryllm-pool/2", ["base"], False)
+    assert path.stat().st_size < live_size  # one state, compressed: smaller than that state alone
+    store.import_file(path, "b")
+    assert store.memory("b").equal(store.memory("a"))
+    pool = store._pool("b", "")
+    assert store._load_state(pool["id"], pool["base_file"]).equal(store.lm.new_memory(seed=9))  # the rebuilt base
+    assert store.verify("b").ok and store.verify("b").replayed == 1
+
+
+def test_export_of_an_empty_pool_and_of_a_base_that_is_the_live_state(store, tmp_path):
+    import zipfile
+
+    store.create("empty", seed=2)
+    path = store.export("empty", tmp_path / "e.zip")
+    with zipfile.ZipFile(path) as z:
+        assert z.namelist() == ["manifest.json"]  # nothing but facts: both states are new_memory(2)
+    store.import_file(path, "e2")
+    assert store.memory("e2").equal(store.lm.new_memory(seed=2)) and store.verify("e2").ok
+    assert store.inject("e2", CORPUS[1])[0].injection_id == 1
+
+    store.create("t", seed=3)
+    store.inject("t", CORPUS[0])
+    store.inject("t", CORPUS[1], store_text=False)  # the base moves to the live state
+    path = store.export("t", tmp_path / "t.zip")
+    with zipfile.ZipFile(path) as z:
+        assert z.namelist() == ["manifest.json", "live.safetensors"]  # one file for both
+    store.import_file(path, "t2")
+    pool = store._pool("t2", "")
+    assert pool["base_file"] == pool["state_file"] and store.memory("t2").equal(store.memory("t"))
+    assert store.verify("t2").ok
+    store.inject("t2", CORPUS[2])
+    assert store.verify("t2").ok and store.verify("t2").replayed == 1
+
+
+def test_an_export_of_the_previous_format_still_imports(store, tmp_path):
+    """tests/data/export_v0.1_tiny.zip (format /1: stored, with an empty base) imports, and its
+    re-export in the new format imports to the same pool."""
+    from pathlib import Path
+
+    old = Path(__file__).parent / "data" / "export_v0.1_tiny.zip"
+    store.import_file(old, "old")
+    # (its verify is tests/test_conformance.py's: written with 2 torch threads, it replays
+    # bit for bit with 2, not with the 1 thread this module runs; issue 17)
+    again = store.import_file(store.export("old", tmp_path / "new.zip"), "new")
+    assert again.live_injections == 3 and store.memory("new").equal(store.memory("old"))
+    assert [e.text for e in store.history("new") if e.kind == "inject"] == [e.text for e in store.history("old") if e.kind == "inject"]
+    assert (tmp_path / "new.zip").stat().st_size < old.stat().st_size
+
+
+def test_import_refuses_an_export_whose_left_out_states_belong_to_another_model(store, tmp_path):
+    store.create("a", seed=1)
+    path = store.export("a", tmp_path / "a.zip")
+    other = MemoryStore(tmp_path / "other", tiny_lm(seed=1))
+    try:
+        with pytest.raises(Exception, match="made for model"):
+            other.import_file(path)
+        assert other.names() == []
+    finally:
+        other.close()

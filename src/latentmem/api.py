@@ -15,7 +15,12 @@ The contract (``tests/test_conformance.py`` checks it for every design):
 * ``inject`` writes text without back-propagation, one memory or a batch (memory i receives
   text i; a batch equals the same injections one by one). Inputs are validated first and a
   failure part-way leaves every memory exactly as it was.
-* ``generate`` / ``stream`` / ``generate_batch`` answer from memory (``None``: no memory).
+* ``generate`` / ``stream`` / ``generate_batch`` answer from memory (``None``: no memory). The
+  prompt default (``chat=None``) is the plain form the shipped weights were trained on: a bare
+  question is asked as ``Question: ... Answer:`` and the answer ends at a newline
+  (``latentmem.text.plain_prompt``); ``chat=False`` reads the string exactly as given and
+  ``chat=True`` applies the tokenizer's chat template. Sampling options are
+  ``latentmem.generate.SamplingParams`` (its repetition guard ends degenerate loops).
 * ``score`` is the teacher-forced log-probability of an answer given memory and prompt.
 * ``forget`` removes what the design can remove of one injection in place, and says whether
   that is *exact* (the memory now equals one that never received it) or leaves traces, in
@@ -34,9 +39,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: `import latentmem` (and `memoryllm --help`) must not import torch
+    from torch import Tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +84,7 @@ class Generation:
     prompt_tokens: int
     prefill_seconds: float  # includes reading memory when not cached
     decode_seconds: float
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens) or "repetition" (the loop guard)
 
     @property
     def tokens_per_second(self) -> float:
@@ -108,6 +114,10 @@ class MemoryInfo:
     * ``weights_bytes``: in-process size of the model's parameters and buffers;
     * ``min_inject_tokens``: the shortest text ``inject`` takes without ``allow_short``;
       ``max_inject_tokens``: the most tokens one write takes (a longer text takes several);
+    * ``capacity_updates``: about how many of the latest updates (writes; a long text takes
+      several) the memory holds before older ones fade (MemoryLLM: N/K);
+      ``capacity_tokens``: the text tokens those updates can carry (capacity_updates *
+      max_inject_tokens): what a user can expect the memory to hold at once;
     * ``context_window``: the prompt positions the backbone was trained for;
     * ``kv_bytes_per_token``: the keys/values one prompt or generated token adds to a decode cache;
     * ``read_cache_bytes``: the keys/values a read computes from this memory and keeps (memory
@@ -168,8 +178,9 @@ class MemoryModel(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def chat_prompt(self, prompt: str | list[dict], chat: bool | None) -> str:
-        """The prompt text ``generate`` reads for ``prompt`` and ``chat`` (the tokenizer's chat
-        template applied, or the plain string), so callers can format prompts beforehand."""
+        """The prompt text ``generate`` reads for ``prompt`` and ``chat`` (None: the plain trained
+        form, a bare question as ``Question: ... Answer:``; False: the string as given; True: the
+        tokenizer's chat template), so callers can format prompts beforehand."""
         ...
 
     # ---- memories ----

@@ -1,29 +1,44 @@
 """Decoding with memory: the prefix keys/values of a memory version are computed once
 (``MemoryLLM.memory_prefix``) and copied into a preallocated KV cache per call; each step then
 attends to [bos, memory, prompt, generated so far] with one query per row.
+
+A row ends on EOS or a stop string (``finish_reason`` "stop"), at ``max_new_tokens``
+("length"), or when the repetition guard sees a degenerate loop ("repetition"; see
+``SamplingParams``). Which prompt form a design reads (plain, QA, chat template) is the design's
+``chat_prompt``; the stop strings a form implies are added there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from .backbone import KV, KVCache
 
 
 @dataclass
 class SamplingParams:
+    """How an answer is decoded.
+
+    ``repeat_ngram`` / ``repeat_limit`` guard against degenerate loops (the shipped SmolLM2
+    weights otherwise answer ``14 March, 15 March, 16 March, ...`` up to ``max_new_tokens``):
+    a row stops with ``finish_reason == "repetition"`` as soon as the newest ``repeat_ngram``
+    tokens of its answer have occurred ``repeat_limit`` times in the answer (the prompt is not
+    counted). ``repeat_limit=0`` turns the guard off. The guard only ends rows early; it never
+    changes which token is chosen, so an answer is a prefix of the unguarded one.
+    """
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None  # seeds sampling; None draws from torch's global generator
     stop: list[str] = field(default_factory=list)  # stop strings (the match is cut off the text)
+    repeat_ngram: int = 4  # n-gram length the repetition guard watches
+    repeat_limit: int = 3  # stop when the newest n-gram has occurred this many times; 0 = off
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -38,6 +53,36 @@ class SamplingParams:
             self.stop = [self.stop]
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.repeat_ngram < 1:
+            raise ValueError(f"repeat_ngram must be >= 1, got {self.repeat_ngram}")
+        if self.repeat_limit < 0 or self.repeat_limit == 1:
+            raise ValueError(f"repeat_limit must be 0 (off) or >= 2, got {self.repeat_limit}")
+
+
+class RepetitionGuard:
+    """Counts the n-grams of one row's answer; ``push`` says when the newest one has now
+    occurred ``limit`` times (a degenerate loop). ``limit=0``: never."""
+
+    def __init__(self, n: int, limit: int):
+        self.n, self.limit = n, limit
+        self.tokens: list[int] = []
+        self.counts: dict[tuple[int, ...], int] = {}
+
+    def push(self, token: int) -> bool:
+        if not self.limit:
+            return False
+        self.tokens.append(token)
+        if len(self.tokens) < self.n:
+            return False
+        gram = tuple(self.tokens[-self.n :])
+        self.counts[gram] = self.counts.get(gram, 0) + 1
+        return self.counts[gram] >= self.limit
+
+
+def repetition_stop(tokens: list[int], n: int = 4, limit: int = 3) -> int | None:
+    """The number of tokens after which the repetition guard stops ``tokens``, or None."""
+    guard = RepetitionGuard(n, limit)
+    return next((i + 1 for i, t in enumerate(tokens) if guard.push(t)), None)
 
 
 def sample_next(logits: Tensor, p: SamplingParams, generator: torch.Generator | None) -> Tensor:
@@ -137,3 +182,32 @@ class TextStream:
         out = self.text[self.emitted : upto]
         self.emitted = upto
         return out
+
+
+class Rows:
+    """What decoding tracks per row besides its tokens: the text with its stop strings (the
+    caller's plus those the row's prompt form implies, e.g. the QA form's newline), the
+    repetition guard, and why the row finished. A design's generate loop feeds it every active
+    row's token (``push``) and passes ``stopped`` to ``decode``, so rows end alike in every design."""
+
+    def __init__(self, tokenizer, params: SamplingParams, implied_stops: Sequence[Sequence[str]], eos_ids: set[int]):
+        self.texts = [TextStream(tokenizer, params.stop + [s for s in implied if s not in params.stop]) for implied in implied_stops]
+        self.guards = [RepetitionGuard(params.repeat_ngram, params.repeat_limit) for _ in implied_stops]
+        self.finish = ["length"] * len(implied_stops)  # "stop" | "length" | "repetition"
+        self.eos_ids = eos_ids
+
+    def push(self, b: int, token: int) -> str:
+        """Row ``b``'s next token; returns the text it releases (never a stop string)."""
+        if token in self.eos_ids:
+            self.finish[b] = "stop"
+            return ""
+        piece = self.texts[b].push(token)
+        if self.texts[b].stopped:
+            self.finish[b] = "stop"
+        elif self.guards[b].push(token):  # a degenerate loop: end the row (its text is kept)
+            self.finish[b] = "repetition"
+        return piece
+
+    def stopped(self, tokens: Tensor) -> Tensor:
+        """``decode``'s should_stop: rows ended by a stop string or the guard."""
+        return torch.tensor([t.stopped or f == "repetition" for t, f in zip(self.texts, self.finish)], device=tokens.device)

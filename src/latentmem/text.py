@@ -1,4 +1,5 @@
-"""Text and token helpers shared by every design: padding, chunking, the QA prompt.
+"""Text and token helpers shared by every design: padding, chunking, the QA prompt and the
+default prompt (``plain_prompt``: what ``generate`` reads when ``chat`` is None).
 
 Written once here so that writing, reading, scoring, training and evaluation all pad, chunk
 and prompt the same way.
@@ -13,6 +14,42 @@ from torch import Tensor
 
 # The plain question form the shipped memory weights were trained on (the paper's QA format).
 PLAIN_QA = "Question: {question} Answer:"
+# An answer in that form is one line: generation stops at the first newline.
+QA_STOP = ["\n"]
+
+
+def is_question(text: str) -> bool:
+    """Whether ``text`` is a bare question the default prompt wraps in PLAIN_QA: one line that
+    ends with '?' and does not already start the QA form."""
+    t = text.strip()
+    return t.endswith("?") and "\n" not in t and not t.startswith("Question:")
+
+
+def plain_prompt(text: str) -> tuple[str, list[str]]:
+    """The default prompt (``chat=None``) for ``text`` and the stop strings it implies: a bare
+    question becomes ``Question: ... Answer:`` with a newline stop, text already ending in
+    ``Answer:`` keeps its form and gets the newline stop, anything else is read as given."""
+    if is_question(text):
+        return PLAIN_QA.format(question=text.strip()), list(QA_STOP)
+    if text.rstrip().endswith("Answer:"):
+        return text, list(QA_STOP)
+    return text, []
+
+
+def prompt_for(tokenizer, prompt, chat: bool | None) -> tuple[str, list[str]]:
+    """What every design's ``generate`` reads, and the stop strings that form implies:
+    ``chat=None`` (the default) the plain form the shipped weights were trained on
+    (``plain_prompt``: a bare question as ``Question: ... Answer:``, ending at a newline);
+    ``chat=False`` the string exactly as given; ``chat=True``, or a list of chat messages, the
+    tokenizer's chat template."""
+    if isinstance(prompt, list) or chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("this tokenizer has no chat template; pass a plain string prompt" if isinstance(prompt, list) else "chat=True but this tokenizer has no chat template")
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), []
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be str or a list of chat messages, got {type(prompt).__name__}")
+    return plain_prompt(prompt) if chat is None else (prompt, [])
 
 
 def pad_token_id(tokenizer) -> int:

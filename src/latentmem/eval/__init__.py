@@ -6,6 +6,7 @@
     run("editing", edits=100)
     run("longqa", questions=30, lengths=[2048, 4096, 8192])
     run("longbench", data=["hotpotqa.jsonl"])                          # local LongBench files
+    run("facts", items=100, checkpoints=[10, 100])                     # many facts in one memory; resumable
     run("longbench-score", predictions=["pred/hotpotqa.jsonl"])
 
 Every task takes ``lm=`` (any loaded ``latentmem.api.MemoryModel``: the tasks use that interface
@@ -18,7 +19,7 @@ from __future__ import annotations
 from . import metrics
 from .data import DataError
 
-TASKS = ("retention", "integrity", "editing", "longqa", "longbench", "longbench-score")
+TASKS = ("retention", "integrity", "editing", "longqa", "longbench", "longbench-score", "facts")
 
 
 def run(task: str, **options) -> dict:
@@ -33,6 +34,8 @@ def run(task: str, **options) -> dict:
         from .longqa import run_longqa as f
     elif task == "longbench":
         from .longqa import run_longbench as f
+    elif task == "facts":
+        from .facts import run_facts as f
     elif task in ("longbench-score", "longbench_score"):
         from .longqa import score_longbench
 

@@ -21,7 +21,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    ev = subparsers.add_parser("eval", help="paper evaluations: retention, integrity, editing, longqa, longbench")
+    ev = subparsers.add_parser("eval", help="paper evaluations: retention, integrity, editing, longqa, longbench; facts (many facts in one memory)")
     sub = ev.add_subparsers(dest="eval_task", required=True)
 
     p = sub.add_parser("retention", help="knowledge retention curve vs the paper's Eq. 5 (section 4.5)")
@@ -87,6 +87,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--prompt", default="auto", choices=["plain", "chat", "auto"])
     p.add_argument("--batch-size", type=int, default=2)
+
+    p = sub.add_parser("facts", help="many facts in one memory: recall vs age at checkpoints, vs prompt-window and BM25 baselines (issue 15); resumable")
+    _common(p)
+    p.add_argument("--items", type=int, default=100, help="facts and passages in the stream")
+    p.add_argument("--checkpoints", default="10,100,1000", help="ask every item's question after this many items (the last item always)")
+    p.add_argument("--methods", default="memory,none,window,bm25,fresh")
+    p.add_argument("--passage-share", type=float, default=0.5, help="share of items that are counterfactual_qa passages (the rest synthetic facts)")
+    p.add_argument("--dataset", default="counterfactual_qa")
+    p.add_argument("--min-passage-tokens", type=int, default=16)
+    p.add_argument("--max-passage-tokens", type=int, default=512)
+    p.add_argument("--filler", default="news_articles")
+    p.add_argument("--filler-rate", type=float, default=0.5, help="unrelated filler texts per item")
+    p.add_argument("--filler-tokens", type=int, default=128)
+    p.add_argument("--questions-per-checkpoint", type=int, default=None, help="ask an evenly spaced sample (first and newest kept) instead of every item")
+    p.add_argument("--no-probe", dest="probe", action="store_false", help="do not ask each item's question right after writing it")
+    p.add_argument("--window-tokens", type=int, default=None, help="prompt budget of the 'window' baseline (default: the model's context window)")
+    p.add_argument("--bm25-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=25, help="save the memory every this many stream texts")
+    p.add_argument("--workdir", default=None, help="progress folder (default runs/eval/facts_<dataset>_<items>_seed<seed>)")
+    p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop this invocation after this long (what was measured is kept)")
 
     p = sub.add_parser("longbench-score", help="LongBench QA F1 of prediction jsonl files (pred, answers[, length])")
     p.add_argument("predictions", nargs="+")

@@ -140,3 +140,68 @@ def plot_longqa(res: dict, path) -> Path:
     axes[1].set_ylabel("seconds per question")
     axes[1].set_title(_subtitle(res), fontsize=9)
     return _save(fig, path)
+
+
+_FACTS_STYLE = {"memory": ("C0", "o-"), "window": ("C2", "s-"), "bm25": ("C1", "^-"), "none": ("C7", "x--")}
+_FACTS_LABEL = {"memory": "memory (one memory, whole stream)", "window": "last texts that fit in the prompt", "bm25": "BM25 retrieval into the prompt", "none": "no memory"}
+
+
+def plot_facts(res: dict, path) -> Path:
+    """Recall against age (later updates) at each checkpoint, one line per method, 95% Wilson
+    bands; points only where a bin holds answers (empty bins break the line); the fresh-pool
+    recall and Eq. 5 as reference lines; one legend below the panels."""
+    ckpts = res.get("checkpoints") or []
+    n = max(1, len(ckpts))
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 1, 4.2), squeeze=False)
+    handles: dict[str, object] = {}
+    th = res.get("theory")
+    for ax, c in zip(axes[0], ckpts or [None]):
+        if c is None:
+            ax.text(0.5, 0.5, "nothing measured yet", ha="center", transform=ax.transAxes)
+            continue
+        top = 1
+        for j, (m, (color, style)) in enumerate(_FACTS_STYLE.items()):
+            v = c["methods"].get(m)
+            if not v:
+                continue
+            from .facts import UPDATE_BINS
+
+            # x = mean age + 1 on a log axis (age 0 = the newest item), methods nudged apart so
+            # their error bars do not overlap; a NaN where a bin between two measured ones is
+            # empty, so no line is drawn across it
+            xs, ys, lo, hi, prev = [], [], [], [], None
+            for b in v["by_age_updates"]:
+                k = UPDATE_BINS.index(b["from"])
+                if prev is not None and k > prev + 1:
+                    xs.append(float("nan")), ys.append(float("nan")), lo.append(0.0), hi.append(0.0)
+                prev = k
+                xs.append((b["mean_age"] + 1) * 1.06 ** (j - 1.5))
+                ys.append(b["mean"])
+                lo.append(b["mean"] - b["ci95"][0])
+                hi.append(b["ci95"][1] - b["mean"])
+            top = max([top] + [x for x in xs if x == x])
+            h = ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, color=color, ms=4, lw=1.2, elinewidth=0.8, capsize=2, alpha=0.9)
+            handles.setdefault(_FACTS_LABEL[m], h)
+        fr = c["methods"].get("fresh")
+        if fr:
+            h = ax.axhline(fr["recall"]["mean"], color="C3", ls=":", lw=1)
+            handles.setdefault("each item alone in an empty memory", h)
+        if th:
+            ms = [m for m in th["updates"] if m + 1 <= top]
+            if ms:
+                (h,) = ax.plot([m + 1 for m in ms], [th["eq5"][m] for m in ms], "-.", color="C4", lw=1)
+                handles.setdefault(f"Eq. 5 from the fresh-pool recall (N={th['N']}, K={th['K']})", h)
+            h = ax.axvline(th["capacity_updates"] + 1, color="0.6", lw=0.8, ls="--")
+            handles.setdefault(f"nominal capacity: N/K = {th['capacity_updates']} later updates", h)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("age: later updates + 1 (log)")
+        ax.set_title(f"after {c['items']} items ({c['updates']} updates, {c['questions']} questions)", fontsize=9)
+    axes[0][0].set_ylabel("recall (gold answer in the greedy answer)")
+    s = res.get("stream", {})
+    kinds = ", ".join(f"{v['count']} {k}s" for k, v in s.items() if isinstance(v, dict))
+    fig.suptitle(f"Many facts in one memory: {kinds}{'' if res.get('complete') else ' (partial)'} - {_subtitle(res)}", fontsize=9)
+    if handles:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)

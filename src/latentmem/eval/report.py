@@ -87,7 +87,54 @@ def integrity(r: dict) -> str:
     ])
 
 
-RENDER = {"retention": retention, "editing": editing, "longqa": longqa, "integrity": integrity}
+def facts(r: dict) -> str:
+    """The many-facts benchmark: recall by checkpoint and method, by age, newest/first item."""
+    o, s = r["options"], r["stream"]
+    kinds = ", ".join(f"{v['count']} {k}s ({v['tokens_min']}-{v['tokens_max']} tokens, mean {v['tokens_mean']})" for k, v in s.items() if isinstance(v, dict))
+    lines = [f"### Many facts in one memory: {o['items']} items{'' if r.get('complete') else ' (partial: stopped before the end)'}", "", _model_line(r), "",
+             f"Stream: {kinds}; {s['updates']} updates, {s['tokens']} tokens written. Prompt window for 'window': {o['window_tokens']} tokens; BM25 budget {o['bm25_tokens']} tokens; {o['max_new_tokens']} greedy tokens, newline stop.", ""]
+    lines += ["| after items | method | recall % [95% CI] | facts % | passages % | newest item | first item | most common answer (share) | questions |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def kind(v, k):
+        x = v.get("by_kind", {}).get(k)
+        return "-" if not x else f"{100 * x['mean']:.0f} ({x['n']})"
+
+    for c in r["checkpoints"]:
+        for m, v in c["methods"].items():
+            if m == "fresh":
+                lines.append(f"| {c['items']} | fresh (each item alone) | {_pct(v['recall'])} | {kind(v, 'fact')} | {kind(v, 'passage')} | - | - | - | {v['recall']['n']} |")
+                continue
+            nw, fi, mo = v["newest_item"], v["first_item"], v.get("modal_answer")
+            mode = "-" if not mo else f"{mo['answer'][:30]} ({100 * mo['share']:.0f}%)"
+            lines.append(f"| {c['items']} | {m} | {_pct(v['recall'])} | {kind(v, 'fact')} | {kind(v, 'passage')} | {'-' if not nw['n'] else int(nw['mean'])} | {'-' if not fi['n'] else int(fi['mean'])} | {mode} | {v['recall']['n']} |")
+    last = r["checkpoints"][-1] if r["checkpoints"] else None
+    if last:
+        methods = [m for m in last["methods"] if m != "fresh"]
+        bins = sorted({b["bin"]: b["from"] for m in methods for b in last["methods"][m]["by_age_updates"]}.items(), key=lambda kv: kv[1])
+        lines += ["", f"Recall % by age in later updates, after {last['items']} items (n per bin in parentheses):", "", "| age (updates) | " + " | ".join(methods) + (" | Eq. 5 |" if r.get("theory") else " |"), "|---" * (len(methods) + 1 + bool(r.get("theory"))) + "|"]
+        for label, lo in bins:
+            cells = []
+            for m in methods:
+                b = next((b for b in last["methods"][m]["by_age_updates"] if b["bin"] == label), None)
+                cells.append("-" if b is None else f"{100 * b['mean']:.0f} ({b['n']})")
+            row = f"| {label} | " + " | ".join(cells)
+            if r.get("theory"):
+                ref = next((b for b in last["methods"][methods[0]]["by_age_updates"] if b["bin"] == label), None)
+                th = r["theory"]
+                row += " | " + ("-" if ref is None else f"{100 * (th['a_b'] + (th['a_u'] - th['a_b']) * (1 - th['K'] / th['N']) ** ref['mean_age']):.0f}")
+            lines.append(row + " |")
+    p = r["newest_probe"]
+    if p["all"]["n"]:
+        bands = "; ".join(f"items {b['items']}: {_pct(b)}% (n={b['n']})" for b in p["by_items_before"])
+        kinds = "; ".join(f"{k}s {_pct(v)}% (n={v['n']})" for k, v in p.get("by_kind", {}).items())
+        lines += ["", f"Newest item, asked right after it was written: {_pct(p['all'])}% (n={p['all']['n']}); {bands}; {kinds}."]
+    if r.get("theory"):
+        t = r["theory"]
+        lines += ["", f"Eq. 5 reference: a_u = {100 * t['a_u']:.1f}% (fresh-pool recall), a_b = {100 * t['a_b']:.1f}% (no memory), N={t['N']}, K={t['K']}, nominal capacity N/K = {t['capacity_updates']} updates."]
+    return "\n".join(lines)
+
+
+RENDER = {"retention": retention, "editing": editing, "longqa": longqa, "integrity": integrity, "facts": facts}
 
 
 def render(folder: str | Path) -> str:

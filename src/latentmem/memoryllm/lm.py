@@ -4,7 +4,7 @@ tokenizer, with text in and text out.
     lm = latentmem.load()                     # the embedded SmolLM2-135M default
     mem = lm.new_memory(seed=0)
     lm.inject(mem, "The Eiffel Tower was painted green in 2031 ...")
-    print(lm.generate(mem, "What colour is the Eiffel Tower?").text)
+    print(lm.generate(mem, "What colour is the Eiffel Tower?").text)   # asked as "Question: ... Answer:"
     mem.save("alice.mem.safetensors")
 
 ``inject`` is the paper's self-update (one update per chunk of at most ``max_inject_tokens``
@@ -26,8 +26,8 @@ from torch import Tensor
 
 from ..api import ForgetResult, Generation, InjectionError, InjectResult, MemoryInfo
 from ..backbone import KV
-from ..generate import SamplingParams, TextStream, decode
-from ..text import chunk_ids, left_pad, pad_token_id
+from ..generate import Rows, SamplingParams, decode
+from ..text import chunk_ids, left_pad, pad_token_id, prompt_for
 from .model import MemoryLLM, self_update
 from .state import NEVER_WRITTEN, MemoryState, MemoryStateError
 
@@ -57,6 +57,10 @@ def model_fingerprint(model: MemoryLLM) -> str:
             sample = t.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
             h.update(sample.numpy().tobytes())
     return f"L{cfg.num_hidden_layers}-N{cfg.num_memory_tokens}-K{cfg.num_tokens}-d{cfg.hidden_size}-{h.hexdigest()[:16]}"
+
+
+class CapacityWarning(UserWarning):
+    """``inject`` was given a text that needs more updates than the memory keeps."""
 
 
 class MemoryLM:
@@ -102,18 +106,15 @@ class MemoryLM:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def chat_prompt(self, prompt: str | list[dict], chat: bool | None) -> str:
-        has_template = getattr(self.tokenizer, "chat_template", None) is not None
-        if isinstance(prompt, list):
-            if not has_template:
-                raise ValueError("this tokenizer has no chat template; pass a plain string prompt")
-            messages = prompt
-        elif chat or (chat is None and has_template):
-            if not has_template:
-                raise ValueError("chat=True but this tokenizer has no chat template")
-            messages = [{"role": "user", "content": prompt}]
-        else:
-            return prompt
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """The text ``generate`` reads: ``chat=None`` (the default) the plain form the shipped
+        weights were trained on (``text.plain_prompt``: a bare question is asked as
+        ``Question: ... Answer:``); ``chat=False`` the string exactly as given; ``chat=True``, or a
+        list of messages, the tokenizer's chat template."""
+        return self._prompt(prompt, chat)[0]
+
+    def _prompt(self, prompt: str | list[dict], chat: bool | None) -> tuple[str, list[str]]:
+        """(prompt text, the stop strings its form implies: a newline for the QA form)."""
+        return prompt_for(self.tokenizer, prompt, chat)
 
     # ---- writing (self-update) ----
     def chunk(self, ids: list[int]) -> list[list[int]]:
@@ -154,6 +155,7 @@ class MemoryLM:
         for s in states:
             self._check_state(s)
         chunks = [self.chunk(self._tokens_for_injection(t, allow_short)) for t in texts]
+        self._warn_capacity(max(map(len, chunks)), max(sum(map(len, c)) for c in chunks), len(chunks))
         new_ids = [s.last_injection_id + 1 if ids_given[i] is None else int(ids_given[i]) for i, s in enumerate(states)]
 
         start = time.perf_counter()
@@ -183,6 +185,29 @@ class MemoryLM:
             s.last_injection_id = max(s.last_injection_id, i)
             results.append(InjectResult(i, sum(map(len, c)), len(c), seconds))
         return results[0] if single else results
+
+    def _warn_capacity(self, chunks: int, tokens: int, texts: int) -> None:
+        """Warn (issue 15) when a text takes more updates than the pool keeps: every update drops
+        K of the N slots at random, so a chunk's expected surviving share after m later updates
+        is (1 - K/N)^m (the paper's Eq. 5) and about the last N/K chunks are what is kept."""
+        c = self.config
+        keep = c.num_memory_tokens // c.num_tokens
+        if chunks <= keep:
+            return
+        import warnings
+
+        share = (1 - c.num_tokens / c.num_memory_tokens) ** (chunks - 1)
+        which = "a text" if texts == 1 else f"the longest of {texts} texts"
+        warnings.warn(
+            f"{which} ({tokens} tokens) takes {chunks} memory updates of at most {c.max_inject_tokens} tokens, "
+            f"but this pool (N={c.num_memory_tokens} slots, K={c.num_tokens} per update) keeps about its last "
+            f"N/K={keep} updates: after the {chunks - 1} later writes an expected {100 * share:.1f}% of the first "
+            f"chunk's slots remain ((1 - K/N)^{chunks - 1}, the paper's Eq. 5), so mostly the last {keep} chunks "
+            f"(about the last {keep * c.max_inject_tokens} tokens) can be recalled; inject long texts in parts you "
+            f"query before writing more",
+            CapacityWarning,
+            stacklevel=4,  # the caller of inject (past the no_grad wrapper)
+        )
 
     def _update(self, states: list[MemoryState], chunk_ids: list[list[int]], injection_ids: list[int], undo: list | None = None) -> list[tuple[MemoryState, tuple]]:
         """One self-update of each pool, in place (``model.self_update``)."""
@@ -240,7 +265,8 @@ class MemoryLM:
         for s in states:
             if s is not None:
                 self._check_state(s)
-        encoded = [self.encode(self.chat_prompt(p, chat)) for p in prompts]
+        built = [self._prompt(p, chat) for p in prompts]
+        encoded = [self.encode(text) for text, _ in built]
         if any(len(e) == 0 for e in encoded):
             raise ValueError("prompt is empty")
         dev = self.model.device
@@ -249,41 +275,30 @@ class MemoryLM:
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
-        texts = [TextStream(self.tokenizer, params.stop) for _ in encoded]
-        finish = ["length"] * len(encoded)
+        rows = Rows(self.tokenizer, params, [implied for _, implied in built], eos_ids)  # stop strings, loop guard, finish reasons
         t0 = time.perf_counter()
         prefix = self.prefix(states)
-
-        def stopped(tokens: Tensor) -> Tensor:
-            return torch.tensor([t.stopped for t in texts], device=tokens.device)
-
         t_first = None
         # decode() runs the model in inference mode around each step; no `with` here, or the
         # caller would run in inference mode between the pieces of a stream
-        for tokens, active in decode(self.model, prefix, input_ids.to(dev), None if bool(mask.all()) else mask.to(dev), params, eos_ids, stopped):
+        for tokens, active in decode(self.model, prefix, input_ids.to(dev), None if bool(mask.all()) else mask.to(dev), params, eos_ids, rows.stopped):
             if t_first is None:
                 t_first = time.perf_counter()
             for b, (tok, act) in enumerate(zip(tokens.tolist(), active.tolist())):
-                if not act:
-                    continue
-                if tok in eos_ids:
-                    finish[b] = "stop"
-                    continue
-                piece = texts[b].push(tok)
-                if texts[b].stopped:
-                    finish[b] = "stop"
-                if stream and piece:
-                    yield piece
+                if act:
+                    piece = rows.push(b, tok)
+                    if stream and piece:
+                        yield piece
         t_end = time.perf_counter()
         t_first = t_first or t_end
         if stream:
-            tail = texts[0].finish()
+            tail = rows.texts[0].finish()
             if tail:
                 yield tail
             return
-        for b, t in enumerate(texts):
+        for b, t in enumerate(rows.texts):
             t.finish()
-            yield Generation(t.text, t.ids, len(encoded[b]), t_first - t0, t_end - t_first, finish[b])
+            yield Generation(t.text, t.ids, len(encoded[b]), t_first - t0, t_end - t_first, rows.finish[b])
 
 
     # ---- scoring ----
@@ -410,6 +425,10 @@ class MemoryLM:
             "dtype": str(self.model.dtype).replace("torch.", ""),
             "device": str(self.model.device),
             "initialized": bool(mem.initialized) if mem is not None else False,
+            # capacity (issue 15): each update writes K of the N slots and drops K at random, so
+            # about the last N/K updates (each a chunk of at most max_inject_tokens) are held
+            "capacity_updates": c.num_memory_tokens // c.num_tokens,
+            "capacity_tokens": (c.num_memory_tokens // c.num_tokens) * c.max_inject_tokens,
             **self._size_details(mem),
         }
         return MemoryInfo(

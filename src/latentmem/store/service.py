@@ -1,27 +1,33 @@
 """HTTP service over MemoryStore: tenants with API keys, one memory namespace per tenant.
 
     memoryllm keys create --data data/ --tenant acme      # prints the key once
-    memoryllm serve --data data/ --port 8000              # OpenAPI at /docs and /openapi.json
+    memoryllm serve --data data/ --port 8000              # interactive docs at /docs, OpenAPI at /openapi.json
 
     curl -H "Authorization: Bearer $KEY" -d '{"name": "alice"}' localhost:8000/v1/memories
     curl -H "Authorization: Bearer $KEY" -d '{"text": "..."}' localhost:8000/v1/memories/alice/inject
     curl -H "Authorization: Bearer $KEY" -d '{"prompt": "...", "stream": true}' localhost:8000/v1/memories/alice/generate
+    curl -H "Authorization: Bearer $KEY" -H "X-Memory: alice" -d '{"model": "m", "messages": [...]}' localhost:8000/v1/chat/completions
 
 Injections into one pool are serialised by the store; generations for different pools that
 arrive within ``batch_wait_ms`` of each other go through the model together
 (``MemoryModel.generate_batch``). Another tenant's memory answers 404, exactly like a missing one.
 
-This module holds what needs no web framework (keys, batching, metrics, the body limit, the
-settings, the ``serve`` / ``verify`` / ``keys`` commands); ``app.py`` builds the FastAPI app
-behind ``create_app``.
+This module holds what needs no web framework (keys, batching, metrics, the body limit, JSON
+bodies whatever their content type, the error shapes, the settings, the ``serve`` /
+``keys`` commands); ``app.py`` builds the FastAPI app behind ``create_app``; ``client.py`` is a
+Python client for it.
 """
 
+from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import queue
 import secrets
+import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -30,9 +36,12 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..api import Memory, MemoryModel
-from .store import MemoryStore, NotFound, StoreError, check_name
+from .store import MemoryStore, NotFound, StoreBusy, StoreError, check_name
+
+if TYPE_CHECKING:
+    from ..api import Memory, MemoryModel
 
 KEY_PREFIX = "mlk"
 
@@ -194,8 +203,46 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------------------------
-# Request body limit (pure ASGI: refuses before the app parses anything)
+# Error bodies: {"detail": ...} on the service's own routes, OpenAI's shape on its compatible ones
 # ---------------------------------------------------------------------------------------------
+OPENAI_PATHS = ("/v1/chat/", "/v1/models")  # routes whose clients expect OpenAI's error shape
+OPENAI_CODES = {401: "invalid_api_key", 403: "insufficient_quota", 404: "not_found", 413: "request_too_large", 429: "rate_limit_exceeded"}
+
+
+def openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PATHS)
+
+
+def error_body(path: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    """The JSON body of an error answer on ``path``: ``{"detail": message}``, or on the
+    OpenAI-compatible routes ``{"error": {"message", "type", "param", "code"}}`` (what OpenAI
+    clients parse into their exceptions)."""
+    if not openai_path(path):
+        return {"detail": message}
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or OPENAI_CODES.get(status)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies (pure ASGI, before the app parses anything): a size limit, and JSON whatever
+# the Content-Type says
+# ---------------------------------------------------------------------------------------------
+class JSONBodies:
+    """Every body of a JSON route is read as JSON whatever its Content-Type (``curl -d`` sends
+    ``application/x-www-form-urlencoded``; some clients send none): the header is rewritten to
+    ``application/json`` before FastAPI looks at it, so a JSON body always parses and anything
+    else answers 422 "not valid JSON". Imports (a zip file) keep their header."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and not scope["path"].endswith("/import"):
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     def __init__(self, app, max_bytes: int, import_max_bytes: int):
         self.app, self.max_bytes, self.import_max_bytes = app, max_bytes, import_max_bytes
@@ -207,7 +254,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _too_large(send, int(declared), limit)
+            return await _too_large(send, scope["path"], int(declared), limit)
         messages, size = [], 0
         while True:  # read the body (also a chunked one) up to the limit
             msg = await receive()
@@ -216,7 +263,7 @@ class BodyLimit:
                 break
             size += len(msg.get("body", b""))
             if size > limit:
-                return await _too_large(send, size, limit, at_least=True)
+                return await _too_large(send, scope["path"], size, limit, at_least=True)
             messages.append(msg)
             if not msg.get("more_body"):
                 break
@@ -227,9 +274,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _too_large(send, size: int, limit: int, at_least: bool = False) -> None:
+async def _too_large(send, path: str, size: int, limit: int, at_least: bool = False) -> None:
     detail = f"request body too large: {'more than ' if at_least else ''}{size} bytes, the limit is {limit} bytes; split the text into several injections"
-    body = json.dumps({"detail": detail}).encode()
+    body = json.dumps(error_body(path, 413, detail)).encode()
     await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
 
@@ -248,68 +295,84 @@ class ServiceSettings:
     batch_wait_ms: float = 5.0
 
 
-def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: ServiceSettings | None = None):
-    """The FastAPI app over ``store`` (the ``serve`` extra): its bodies, dependencies, routers
-    and error statuses are in ``app.py``; keys default to ``<store.dir>/keys.db``."""
+def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: ServiceSettings | None = None, *, docs=True):
+    """The FastAPI app over ``store`` (the ``serve`` extra): its routers, dependencies and error
+    statuses are in ``app.py``, its bodies in ``schemas.py``; keys default to ``<store.dir>/keys.db``.
+    ``docs``: see ``app.build_app`` (interactive docs from local files, or a plain reference page)."""
     from .app import build_app
 
-    return build_app(store, keys or KeyStore(store.dir), settings or ServiceSettings())
+    return build_app(store, keys or KeyStore(store.dir), settings or ServiceSettings(), docs=docs)
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: memoryllm serve / memoryllm keys ...
+# CLI: memoryllm serve / keys ... (verify is the CLI's own, in latentmem/cli)
 # ---------------------------------------------------------------------------------------------
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def add_parser(subparsers) -> None:
     from .. import DESIGNS
+    from ..cli.options import default_data_dir  # the CLI's memories: `memoryllm serve` serves them (no torch import)
 
-    p = subparsers.add_parser("serve", help="HTTP service: per-tenant memories (FastAPI + uvicorn)")
-    p.add_argument("--data", required=True, help="data directory (pools, ledger, keys)")
+    data = str(default_data_dir())
+
+    p = subparsers.add_parser("serve", help="HTTP service: per-tenant memories (FastAPI + uvicorn)",
+                              description="Serve the memories of a data directory over HTTP (one server per directory). "
+                                          "Prints a start-up line once it listens and a line when it stops (Ctrl-C or SIGTERM).")
+    p.add_argument("--data", default=data, metavar="DIR", help="data directory (memories, ledger, keys), created when missing (default: the CLI's, %(default)s)")
     p.add_argument("--model", default=None, help="local model folder (default: embedded SmolLM2-135M)")
-    p.add_argument("--design", default="memoryllm", choices=sorted(DESIGNS), help="memory design (default: memoryllm)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    d = ServiceSettings()
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="generations batched together (1: one at a time)")
-    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="how long the first request waits for others")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--max-pools-per-tenant", type=int, default=d.max_pools_per_tenant)
+    p.add_argument("--design", default="memoryllm", choices=sorted(DESIGNS), help="memory design (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a shared CPU 1 avoids oversubscription)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one, shown in the start-up line)")
+    d = ServiceSettings()
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="generations batched together, 1: one at a time (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="how long the first request waits for others (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest JSON request body (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_new_tokens / max_tokens a request may ask (default: %(default)s)")
+    p.add_argument("--max-pools-per-tenant", type=int, default=d.max_pools_per_tenant, help="memories per tenant (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level (default: %(default)s)")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request (the access log is on by default, on stdout)")
+    p.add_argument("--log-config", default=None, metavar="FILE", help="uvicorn logging configuration (.json, .yaml or .ini) instead of uvicorn's default")
     p.set_defaults(handler=cmd_serve)
-
-    v = subparsers.add_parser("verify", help="rebuild memories of a data directory from their ledgers and compare bit for bit (server stopped)")
-    v.add_argument("--data", required=True)
-    v.add_argument("--tenant", default=None, help="only this tenant's memories (default: all)")
-    v.add_argument("names", nargs="*", help="memory names (default: all)")
-    v.add_argument("--model", default=None)
-    v.add_argument("--design", default="memoryllm", choices=sorted(DESIGNS))
-    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    v.set_defaults(handler=cmd_verify)
 
     k = subparsers.add_parser("keys", help="API keys of the service: create, list, revoke")
     ks = k.add_subparsers(dest="keys_command", required=True)
     c = ks.add_parser("create", help="a new key for a tenant (printed once)")
-    c.add_argument("--data", required=True)
-    c.add_argument("--tenant", required=True)
-    c.add_argument("--label", default="")
+    c.add_argument("--data", default=data, metavar="DIR", help="data directory, created when missing (default: %(default)s)")
+    c.add_argument("--tenant", required=True, help="the tenant the key acts for (a name like a memory's)")
+    c.add_argument("--label", default="", help="free note shown by keys list")
+    c.add_argument("--quiet", action="store_true", help="print the key alone (for scripts: KEY=$(memoryllm keys create ... --quiet))")
     c.set_defaults(handler=cmd_keys)
     c = ks.add_parser("list", help="keys (ids, tenants, dates; never the keys)")
-    c.add_argument("--data", required=True)
+    c.add_argument("--data", default=data, metavar="DIR", help="data directory (default: %(default)s)")
     c.set_defaults(handler=cmd_keys)
-    c = ks.add_parser("revoke", help="revoke a key by its id")
-    c.add_argument("--data", required=True)
-    c.add_argument("key_id")
+    c = ks.add_parser("revoke", help="revoke a key by its id (effective on the next request)")
+    c.add_argument("--data", default=data, metavar="DIR", help="data directory (default: %(default)s)")
+    c.add_argument("key_id", help="the id keys list shows")
     c.set_defaults(handler=cmd_keys)
+
+
+def _fail(command: str, message: str) -> int:
+    """An expected failure: one line on stderr, exit status 2 (as the CLI's main reports its errors)."""
+    print(f"memoryllm {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def cmd_keys(args) -> int:
-    keys = KeyStore(args.data)
+    data = Path(args.data)
+    if args.keys_command != "create" and not (data / "keys.db").is_file():
+        return _fail("keys", f"no API keys in {data} (no keys.db): check --data, or create one with memoryllm keys create --data {data} --tenant NAME")
+    try:
+        keys = KeyStore(data)
+    except (OSError, sqlite3.Error) as e:
+        return _fail("keys", f"cannot open {data / 'keys.db'}: {e}")
     try:
         if args.keys_command == "create":
             key_id, key = keys.create(args.tenant, args.label)
-            print(f"key id: {key_id}\ntenant: {args.tenant}\nkey:    {key}\n(store it now: only its hash is kept)")
+            print(key if args.quiet else f"key id: {key_id}\ntenant: {args.tenant}\nkey:    {key}\n(store it now: only its hash is kept)")
         elif args.keys_command == "list":
             for r in keys.list():
                 state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['revoked_at']))}" if r["revoked_at"] else "active"
@@ -318,42 +381,96 @@ def cmd_keys(args) -> int:
             keys.revoke(args.key_id)
             print(f"revoked {args.key_id}")
     except (StoreError, KeyError) as e:
-        print(f"memoryllm keys: error: {e}", file=sys.stderr)
-        return 2
+        return _fail("keys", str(e))
     finally:
         keys.close()
     return 0
 
 
-def cmd_verify(args) -> int:
-    """Exit status 0 when every memory checked is consistent with its ledger, 1 otherwise."""
+def _load_model(args):
     import torch
-
-    from .. import load
-
-    lm = load(args.model, design=args.design, dtype=getattr(torch, args.dtype))
-    bad = 0
-    with MemoryStore(args.data, lm) as store:
-        tenants = [args.tenant] if args.tenant is not None else store.tenants()
-        for t in tenants:
-            for name in args.names or store.names(tenant=t):
-                report = store.verify(name, tenant=t)
-                bad += not report.ok
-                print(f"{t}/{name}: {report.message}" + "".join(f"\n    {m}" for m in report.mismatches))
-    return 1 if bad else 0
-
-
-def cmd_serve(args) -> int:
-    import torch
-    import uvicorn
 
     from .. import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     lm = load(args.model, design=args.design, dtype=getattr(torch, args.dtype), device=args.device)
-    settings = ServiceSettings(max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                               max_pools_per_tenant=args.max_pools_per_tenant)
-    with MemoryStore(args.data, lm) as store:
-        uvicorn.run(create_app(store, settings=settings), host=args.host, port=args.port, log_level="warning")
+    return lm, time.perf_counter() - t0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (a port in use fails at once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Stopped(Exception):
+    """SIGTERM, re-raised by uvicorn after its graceful shutdown."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped
+
+
+def cmd_serve(args) -> int:
+    """Serve until Ctrl-C / SIGTERM. Busy data directory, port in use and unusable arguments
+    fail before the model loads, with one line and exit status 2."""
+    import uvicorn
+
+    from ..cli.memories import check_free  # the CLI's probe of a busy data directory (one implementation)
+
+    if args.max_batch < 1 or args.max_new_tokens < 1 or args.max_body_bytes < 1 or args.max_pools_per_tenant < 0 or args.batch_wait_ms < 0:
+        return _fail("serve", "--max-batch, --max-new-tokens and --max-body-bytes must be >= 1, --max-pools-per-tenant and --batch-wait-ms >= 0")
+    if args.log_config and not Path(args.log_config).is_file():
+        return _fail("serve", f"--log-config {args.log_config}: no such file")
+    check_free(Path(args.data))  # before the model loads: another server may hold the directory (CLIError: one line, exit 2)
+    try:
+        sock = _listen(args.host, args.port)
+    except OSError as e:
+        return _fail("serve", f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    with contextlib.closing(sock):
+        lm, load_s = _load_model(args)
+        settings = ServiceSettings(max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
+                                   batch_wait_ms=args.batch_wait_ms, max_pools_per_tenant=args.max_pools_per_tenant)
+        try:
+            store = MemoryStore(args.data, lm)
+        except StoreBusy as e:  # taken while the model loaded
+            return _fail("serve", str(e))
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        t0 = time.time()
+        with store:
+            app = create_app(store, settings=settings)
+            n_pools = sum(len(store.names(tenant=t)) for t in store.tenants())
+            started = (f"memoryllm serve: listening on {url} (model {lm.name}, design {lm.design}, data {Path(args.data).resolve()} "
+                       f"with {n_pools} memories; model loaded in {load_s:.1f} s; docs {url}/docs; Ctrl-C to stop)")
+
+            class Server(uvicorn.Server):
+                async def startup(self, sockets=None):
+                    await super().startup(sockets)
+                    if self.started:
+                        print(started, file=sys.stderr, flush=True)
+
+            config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log, timeout_graceful_shutdown=30,
+                                    **({"log_config": args.log_config} if args.log_config else {}))
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _raise_stopped) if main_thread else None
+            try:
+                Server(config).run(sockets=[sock])
+            except (KeyboardInterrupt, _Stopped):  # uvicorn stopped gracefully, then re-raised the signal
+                pass
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGTERM, previous)
+            served = sum(v for (name, _), v in app.state.metrics.counters.items() if name == "latentmem_requests_total")
+        print(f"memoryllm serve: stopped after {time.time() - t0:.0f} s, {served:.0f} requests served; {args.data} closed", file=sys.stderr, flush=True)
     return 0

@@ -59,7 +59,12 @@ from ..files import atomic_write, fsync_dir
 
 # Names are identifiers, never paths: letters, digits, '_', '-', '.', not starting with '.' or '-'.
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-EXPORT_FORMAT = "memoryllm-pool/1"
+# /2: deflated; a state equal to the empty memory of the pool's seed is left out (listed in
+# "empty"; import rebuilds it) and a base that is the live state is written once ("base_is_live").
+# /1 (stored, always both states) still imports.
+EXPORT_FORMAT = "memoryllm-pool/2"
+EXPORT_FORMATS = ("memoryllm-pool/1", EXPORT_FORMAT)
+EXPORT_STATES = ("live", "base")  # members <state>.safetensors
 FORGET_MODES = ("fast", "exact")
 STAGING = "staging"  # new pools' files before their rows exist (emptied by recover)
 
@@ -724,49 +729,67 @@ class MemoryStore:
 
     # ------------------------------------------------------------------ export / import
     def export(self, name: str, path: str | os.PathLike, *, tenant: str = "") -> Path:
-        """One zip file: manifest.json (pool facts + ledger), live.safetensors, base.safetensors.
-        Snapshots are not exported. Written atomically."""
+        """One zip file (deflate): manifest.json (pool facts + ledger), live.safetensors and
+        base.safetensors. A state equal to the empty memory of the pool's seed (the replay base of
+        a pool that never became unreplayable, the live state of one never written) is left out
+        and listed in ``empty``: import rebuilds it; a base that is the live state itself (after a
+        textless injection) is written once (``base_is_live``). Snapshots are not exported.
+        Written atomically."""
         with self._locked_pool(name, tenant) as pool:
             d = self._pool_dir(pool["id"])
+            files = dict(zip(EXPORT_STATES, (pool["state_file"], pool["base_file"])))
+            blank = self.lm.new_memory(seed=pool["seed"])
+            empty = [k for k, f in files.items() if self._load_state(pool["id"], f).equal(blank)]
+            same = files["base"] == files["live"]
             manifest = {
                 "format": EXPORT_FORMAT, "name": pool["name"], "seed": pool["seed"], "model_id": pool["model_id"],
                 "created_at": pool["created_at"], "exported_at": time.time(), "base_seq": pool["base_seq"], "base_reason": pool["base_reason"],
-                "next_injection_id": pool["next_injection_id"],
+                "next_injection_id": pool["next_injection_id"], "empty": empty, "base_is_live": same,
                 "ledger": [e.to_dict() for e in self.history(name, tenant=tenant)],
             }
 
             def write(tmp):
-                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:  # tensors do not compress
+                # level 1: float tensors barely compress at any level (a few %), while what does
+                # (never-written slots, provenance, the manifest) compresses as well at level 1
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
                     z.writestr("manifest.json", json.dumps(manifest, indent=1))
-                    z.write(d / pool["state_file"], "live.safetensors")
-                    z.write(d / pool["base_file"], "base.safetensors")
+                    for k, f in files.items():
+                        if k not in empty and not (k == "base" and same):
+                            z.write(d / f, f"{k}.safetensors")
 
             atomic_write(path, write)
         return Path(path)
 
     def import_file(self, path: str | os.PathLike, name: str | None = None, *, tenant: str = "") -> PoolInfo:
         """Create a pool from an exported file (under its own name unless `name` is given).
-        The ledger is kept (ids, texts, statuses); replay still starts at the exported base."""
+        The ledger is kept (ids, texts, statuses); replay still starts at the exported base.
+        A state the export left out as empty is rebuilt as ``new_memory(seed)``."""
         try:
             z = zipfile.ZipFile(path)
             manifest = json.loads(z.read("manifest.json"))
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise StoreError(f"{path} is not a memory export: {e}") from e
         with z:
-            if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
-                raise StoreError(f"{path}: unknown export format, expected {EXPORT_FORMAT!r}")
+            if not isinstance(manifest, dict) or manifest.get("format") not in EXPORT_FORMATS:
+                raise StoreError(f"{path}: unknown export format, expected one of {', '.join(map(repr, EXPORT_FORMATS))}")
             name = check_name(name or manifest.get("name", ""))
             try:
                 ledger = [{c: e.get(c) for c in LedgerEntry.__dataclass_fields__} for e in manifest["ledger"]]
                 facts = (int(manifest["seed"]), int(manifest["base_seq"]), str(manifest["base_reason"]), int(manifest["next_injection_id"]))
                 last_seq = max([int(e["seq"]) for e in ledger], default=0)
+                empty, same = set(manifest.get("empty", [])), manifest.get("base_is_live", False)
+                if not 0 <= facts[0] < 2**63 or not empty <= set(EXPORT_STATES) or not isinstance(same, bool):
+                    raise ValueError(f"seed {facts[0]} or empty states {sorted(empty)} out of range")
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise StoreError(f"{path}: damaged manifest: {e!r}") from e
+            if empty and manifest.get("model_id") != self.lm.model_id:  # what load_memory checks for a stored state
+                raise MemoryFormatError(f"{path}: memory was made for model {manifest.get('model_id')!r}, this model is {self.lm.model_id!r}")
             staging = self.dir / STAGING
             staging.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=staging) as tmp:  # recover() removes it after a crash
                 try:
-                    states = {k: self.lm.load_memory(z.extract(f"{k}.safetensors", tmp)) for k in ("live", "base")}
+                    states = {k: self.lm.new_memory(seed=facts[0]) if k in empty else self.lm.load_memory(z.extract(f"{k}.safetensors", tmp))
+                              for k in EXPORT_STATES[: 1 if same else 2]}
                 except KeyError as e:
                     raise StoreError(f"{path}: missing {e}") from e
                 staged = {k: self._stage(st) for k, st in states.items()}
@@ -783,6 +806,7 @@ class MemoryStore:
                         pool_id = cur.lastrowid
                         stack.callback(lambda: None if self._exists(pool_id) else shutil.rmtree(self._pool_dir(pool_id), ignore_errors=True))
                         files = {k: self._adopt(pool_id, f) for k, f in staged.items()}
+                        files.setdefault("base", files["live"])  # base_is_live: one file, two references
                         self._db.execute("UPDATE pools SET state_file=?, base_file=? WHERE id=?", (files["live"], files["base"], pool_id))
                         cols = list(LedgerEntry.__dataclass_fields__)
                         try:
@@ -796,6 +820,31 @@ class MemoryStore:
                         self._event(row, "import", now, detail=json.dumps({"from": Path(path).name, "exported_at": manifest.get("exported_at")}))
         return self.info(name, tenant=tenant)
 
+
+    # ------------------------------------------------------------------ search
+    def search(self, name: str, query: str, *, tenant: str = "", limit: int = 20) -> list[LedgerEntry]:
+        """Injections of the pool whose stored text contains every word of ``query``
+        (case-insensitive substrings, in any order; a one-word query is a substring search),
+        newest first, at most ``limit``. Live and rolled-back injections are searched;
+        forgotten ones and those stored without text have no text and never match."""
+        words = query.casefold().split() if isinstance(query, str) else []
+        if not words:
+            raise ValueError("search query is empty")
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        pool = self._pool(name, tenant)
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT * FROM ledger WHERE pool_id=? AND kind='inject' AND text IS NOT NULL ORDER BY seq DESC", (pool["id"],)
+            ).fetchall()
+        hits = []
+        for r in rows:
+            text = r["text"].casefold()
+            if all(w in text for w in words):
+                hits.append(_entry(r))
+                if len(hits) == limit:
+                    break
+        return hits
 
 @contextlib.contextmanager
 def _removing(*paths: Path):
