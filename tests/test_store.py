@@ -541,3 +541,33 @@ def test_import_refuses_an_export_whose_left_out_states_belong_to_another_model(
         assert other.names() == []
     finally:
         other.close()
+
+
+class SometimesInexactLM(MemoryLM):
+    """A design that declares its forget exact but, this time, cannot deliver (as LongMem after
+    its bank evicted chunks): it resets the slots and says exact=False."""
+
+    forget_exact = True
+
+    def __init__(self):
+        super().__init__(tiny_model(), make_tokenizer(), name="tiny-sometimes")
+
+    def forget(self, memory, injection_id):
+        result = super().forget(memory, injection_id)
+        return ForgetResult(injection_id, exact=False, removed_units=result.removed_units, note="evicted since")
+
+
+def test_the_store_replays_when_a_design_cannot_forget_exactly_this_time(tmp_path):
+    lm = SometimesInexactLM()
+    with MemoryStore(tmp_path / "d", lm) as store:
+        store.create("a", seed=1)
+        store.inject("a", list(CORPUS[:3]))
+        report = store.forget("a", 2, mode="exact")
+        assert report.replayed == 2  # the other two injections were replayed
+        never = lm.new_memory(seed=1)
+        for i in (1, 3):
+            MemoryLM.inject(lm, never, CORPUS[i - 1], injection_id=i)
+        assert store.memory("a").equal(never)
+        assert store.verify("a").ok
+        store.forget("a", 3, mode="fast")  # not exact in place: replay starts after it, as for MemoryLLM
+        assert "forgotten (fast)" in store.info("a").base_reason

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..api import Memory, MemoryFormatError, MemoryModel
+from ..api import ForgetResult, Memory, MemoryFormatError, MemoryModel
 from ..files import atomic_write, fsync_dir
 
 # Names are identifiers, never paths: letters, digits, '_', '-', '.', not starting with '.' or '-'.
@@ -674,11 +674,17 @@ class MemoryStore:
             slots = int((self.lm.owners(live) == injection_id).sum())
             new_state, new_base, replayed = None, None, 0
             in_base = target["seq"] <= pool["base_seq"]  # the base holds every live injection up to base_seq
+            # a design whose forget is exact forgets in place, unless this time it could not be
+            # (ForgetResult.exact False, e.g. a bank that has evicted chunks since): then as below
+            forgotten, exact_in_place = None, False
             if was_live and self.lm.forget_exact:
-                new_state = self._without(live, injection_id)
+                forgotten, result = self._without(live, injection_id)
+                exact_in_place = result.exact
+            if was_live and exact_in_place:
+                new_state = forgotten
                 if in_base:
                     same = pool["base_file"] == pool["state_file"]
-                    new_base = new_state if same else self._without(self._load_state(pool["id"], pool["base_file"]), injection_id)
+                    new_base = new_state if same else self._without(self._load_state(pool["id"], pool["base_file"]), injection_id)[0]
             elif was_live and mode == "exact":
                 if in_base:
                     raise NotReplayable(
@@ -687,7 +693,7 @@ class MemoryStore:
                     )
                 new_state, replayed = self._replay(pool["id"], pool["base_file"], self._live_rows(pool["id"], pool["base_seq"]), skip=injection_id)
             elif was_live:
-                new_state = self._without(live, injection_id)
+                new_state = forgotten if forgotten is not None else self._without(live, injection_id)[0]
             file = self._write_state(pool["id"], new_state) if new_state is not None else None
             base_file = file if new_base is new_state else None
             if new_base is not None and base_file is None:
@@ -707,7 +713,7 @@ class MemoryStore:
                     sets = {"state_file": file}
                     if base_file is not None:
                         sets["base_file"] = base_file
-                    elif mode == "fast" and not self.lm.forget_exact:  # not recomputable from texts: replay starts here
+                    elif mode == "fast" and not exact_in_place:  # not recomputable from texts: replay starts here
                         sets |= {"base_file": file, "base_seq": seq, "base_reason": f"injection {injection_id} was forgotten (fast)"}
                     self._db.execute(f"UPDATE pools SET {','.join(f'{k}=?' for k in sets)} WHERE id=?", (*sets.values(), pool["id"]))
                 if doomed:
@@ -721,11 +727,11 @@ class MemoryStore:
             self._collect(pool["id"])
         return ForgetReport(injection_id, mode, slots, replayed, doomed, was_live)
 
-    def _without(self, state: Memory, injection_id: int) -> Memory:
-        """A copy of ``state`` with the injection forgotten by the design (``state`` is shared)."""
+    def _without(self, state: Memory, injection_id: int) -> tuple[Memory, ForgetResult]:
+        """A copy of ``state`` with the injection forgotten by the design (``state`` is shared),
+        and what the design says of it."""
         copy = state.clone()
-        self.lm.forget(copy, injection_id)
-        return copy
+        return copy, self.lm.forget(copy, injection_id)
 
     # ------------------------------------------------------------------ export / import
     def export(self, name: str, path: str | os.PathLike, *, tenant: str = "") -> Path:
