@@ -177,11 +177,15 @@ def plot_facts(res: dict, path) -> Path:
                 prev = k
                 xs.append((b["mean_age"] + 1) * 1.06 ** (j - 1.5))
                 ys.append(b["mean"])
-                lo.append(b["mean"] - b["ci95"][0])
-                hi.append(b["ci95"][1] - b["mean"])
+                lo.append(max(0.0, b["mean"] - b["ci95"][0]))  # Wilson bounds can miss 0 or 1 by rounding
+                hi.append(max(0.0, b["ci95"][1] - b["mean"]))
             top = max([top] + [x for x in xs if x == x])
             h = ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, color=color, ms=4, lw=1.2, elinewidth=0.8, capsize=2, alpha=0.9)
             handles.setdefault(_FACTS_LABEL[m], h)
+        pr = (res.get("newest_probe") or {}).get("all")
+        if pr and pr["n"] and c is ckpts[-1]:  # age 0: each item asked right after it was written
+            h = ax.errorbar([1], [pr["mean"]], yerr=[[max(0.0, pr["mean"] - pr["ci95"][0])], [max(0.0, pr["ci95"][1] - pr["mean"])]], fmt="*", color="C0", ms=9, capsize=3)
+            handles.setdefault(f"memory, newest item asked right after its write (all {pr['n']} items)", h)
         fr = c["methods"].get("fresh")
         if fr:
             h = ax.axhline(fr["recall"]["mean"], color="C3", ls=":", lw=1)
