@@ -28,6 +28,8 @@ from typing import Any
 
 import httpx
 
+from ..files import atomic_write
+
 __all__ = ["Client", "Conflict", "Forbidden", "InvalidRequest", "NotFound", "ServiceError", "Stream", "TooLarge", "Unauthorized"]
 
 
@@ -235,13 +237,13 @@ class Client:
             _raise_for(r)
             if path is None:
                 return r.read()
-            path = Path(path)
-            tmp = path.with_name(f".{path.name}.part")
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_bytes():
-                    f.write(chunk)
-            os.replace(tmp, path)
-            return path
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+
+            atomic_write(path, write, mode=0o644)  # a failed download leaves no partial file
+            return Path(path)
 
     def import_(self, name: str, data: bytes | str | os.PathLike) -> dict:
         """A new memory ``name`` from an export (bytes, or the path of a file)."""
