@@ -434,8 +434,8 @@ def test_stream_done_carries_finish_reason_and_token_counts(env, monkeypatch):
         assert head == "event: done"
         return json.loads(data[len("data: "):]), "".join(json.loads(e[len("data: "):])["text"] for e in events[:-1])
 
-    # the designs' stream reports no counts yet: finish reason and prompt tokens are exact, the
-    # completion tokens an estimate from the text (see Service.stream)
+    # the streamed answer's done event agrees with the plain answer (finish reason, prompt tokens;
+    # the designs' stream returns its Generation, so the completion tokens are exact as well)
     for body in ({"prompt": "Where does Alice live?", "max_new_tokens": 8}, {"prompt": "Who?", "max_new_tokens": 16, "stop": ["e"]}):
         plain = c.post("/v1/memories/a/generate", json=body, headers=h1).json()
         done, text = done_of(body)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from latentmem.memoryllm import MemoryState, MemoryStateError, update_pool
-from latentmem.memoryllm.state import _digest
+from latentmem.statefile import digest as _digest
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only fight over the shared CPU
 
@@ -301,7 +301,7 @@ def _fail_midway(tensors, path, metadata=None):
 def test_failed_save_keeps_the_old_file_and_leaves_no_temp_files(saved, monkeypatch, where):
     old = saved.read_bytes()
     if where == "write":
-        monkeypatch.setattr("latentmem.memoryllm.state.save_file", _fail_midway)
+        monkeypatch.setattr("latentmem.statefile.save_file", _fail_midway)  # where every memory file is written
     else:
         def refuse(*args):
             raise OSError("rename failed")

@@ -17,18 +17,17 @@ key/value rows; otherwise the decoder answers without memory.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..api import ForgetResult, Generation, InjectionError, InjectResult, MemoryFormatError, MemoryInfo
+from ..api import ForgetResult, InjectionError, InjectResult, MemoryFormatError, MemoryInfo
 from ..backbone import KV
-from ..generate import RepetitionGuard, SamplingParams, TextStream, decode
-from ..text import chunk_ids, left_pad, pad_token_id, plain_prompt
+from ..design import DesignLM, by_injection
+from ..text import chunk_ids
 from . import memory as mm
 from .model import Larimar
 from .state import LarimarState
@@ -47,22 +46,21 @@ def model_fingerprint(model: Larimar) -> str:
     return f"larimar-L{cfg.num_hidden_layers}-K{cfg.memory_slots}-C{cfg.latent_size}-{h.hexdigest()[:16]}"
 
 
-class LarimarLM:
-    """Larimar's implementation of ``latentmem.api.MemoryModel``."""
+class LarimarLM(DesignLM):
+    """Larimar's implementation of ``latentmem.api.MemoryModel`` (the loops around its steps:
+    ``latentmem.design.DesignLM``)."""
 
     design: ClassVar[str] = "larimar"
     # forget() rewrites the memory from the rows it keeps: it then equals, bit for bit, a memory
     # that never received the injection (rows carry their own noise; see memory.row_noise)
     forget_exact: ClassVar[bool] = True
+    state_type: ClassVar[type] = LarimarState
+    # a text is written in one round (every row of it at once), so inject shows no progress bar
 
     def __init__(self, model: Larimar, tokenizer, encoder_tokenizer=None, name: str = "model"):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
+        super().__init__(model, tokenizer, name, model_fingerprint(model))
         self.encoder_tokenizer = encoder_tokenizer if encoder_tokenizer is not None else tokenizer
         model.encoder_tokenizer = self.encoder_tokenizer  # for training recipes, which get the module
-        self.name = name
-        self.config = model.config
-        self.model_id = model_fingerprint(model)
         self._pinv = mm.pinv_fn(self.config.pinv, self.config.pinv_steps, self.config.pinv_alpha)
         self._M0_cache: tuple | None = None
         enc_cfg = getattr(model.encoder, "config", None)
@@ -104,26 +102,7 @@ class LarimarLM:
         if s.model_id != self.model_id:
             raise MemoryFormatError(f"memory was made for model {s.model_id!r}, this model is {self.model_id!r}")
 
-    # ---- tokenisation ----
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def chat_prompt(self, prompt: str | list[dict], chat: bool | None) -> str:
-        """The text ``generate`` reads (the shared convention, as MemoryLLM): ``chat=None`` the
-        plain form (``text.plain_prompt``: a bare question is asked as ``Question: ... Answer:``),
-        ``chat=False`` the string as given, ``chat=True`` or a message list the chat template."""
-        return self._prompt(prompt, chat)[0]
-
-    def _prompt(self, prompt: str | list[dict], chat: bool | None) -> tuple[str, list[str]]:
-        """(prompt text, the stop strings its form implies)."""
-        if isinstance(prompt, list) or chat:
-            if getattr(self.tokenizer, "chat_template", None) is None:
-                raise ValueError("this tokenizer has no chat template; pass a plain string prompt" if isinstance(prompt, list) else "chat=True but this tokenizer has no chat template")
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), []
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be str or a list of chat messages, got {type(prompt).__name__}")
-        return plain_prompt(prompt) if chat is None else (prompt, [])
+    # encode, chat_prompt, inject, generate, stream, score: DesignLM's
 
     # ---- the encoder ----
     @torch.no_grad()
@@ -154,52 +133,34 @@ class LarimarLM:
     # ---- writing ----
     def chunk_texts(self, text: str, allow_short: bool) -> tuple[list[str], int]:
         """(rows' texts, decoder tokens): one row per chunk of at most max_inject_tokens."""
-        if not isinstance(text, str):
-            raise InjectionError(f"text must be str, got {type(text).__name__}")
-        if not text.strip():
-            raise InjectionError("text is empty or whitespace only: nothing to inject")
-        ids = self.encode(text)
-        if len(ids) < self.config.min_inject_tokens and not allow_short:
-            raise InjectionError(f"text has {len(ids)} tokens, fewer than the {self.config.min_inject_tokens}-token minimum of a fact; pass allow_short=True to inject anyway")
+        ids = self._text_ids(text, allow_short)
         chunks = chunk_ids(ids, self.config.max_inject_tokens)
         texts = [text] if len(chunks) == 1 else [self.tokenizer.decode(c) for c in chunks]
         return texts, len(ids)
 
-    @torch.no_grad()
-    def inject(self, memory, text, *, allow_short: bool = False, progress: bool | None = None, injection_id=None):
-        """Write text into memory (one row per chunk), no gradient step. With lists, memory i
-        receives text i. Everything is validated first and memories are committed only after
-        every write succeeded, so an error leaves them as they were."""
-        single = isinstance(memory, LarimarState)
-        states = [memory] if single else list(memory)
-        texts = [text] if isinstance(text, str) or single else list(text)
-        if len(states) != len(texts):
-            raise InjectionError(f"{len(states)} memories but {len(texts)} texts")
-        if len({id(s) for s in states}) != len(states):
-            raise InjectionError("the same memory appears twice in one batch; inject its texts in sequence")
-        ids_given = [injection_id] * len(states) if injection_id is None or isinstance(injection_id, int) else list(injection_id)
-        if len(ids_given) != len(states):
-            raise InjectionError(f"{len(states)} memories but {len(ids_given)} injection ids")
-        for s in states:
-            self._check_state(s)
-        rows = [self.chunk_texts(t, allow_short) for t in texts]
-        for s, (r, _) in zip(states, rows):
+    def _too_short(self, n: int) -> str:
+        return f"text has {n} tokens, fewer than the {self.config.min_inject_tokens}-token minimum of a fact; pass allow_short=True to inject anyway"
+
+    def _units(self, text, allow_short: bool) -> tuple[list[list[str]], int, int]:
+        """``inject`` writes a text's rows (one per chunk) in one write: a single unit."""
+        rows, tokens = self.chunk_texts(text, allow_short)
+        return [rows], tokens, len(rows)
+
+    def _check_units(self, states: list[LarimarState], units: list[list[list[str]]]) -> None:
+        for s, (r,) in zip(states, units):
             if s.rows + len(r) > self.config.max_rows:
                 raise InjectionError(f"memory holds {s.rows} rows; {len(r)} more exceed max_rows={self.config.max_rows} (forget some, or load with a larger max_rows)")
-        new_ids = [s.last_injection_id + 1 if g is None else int(g) for s, g in zip(states, ids_given)]
-        start = time.perf_counter()
-        written = []
-        for s, (r, _), i in zip(states, rows, new_ids):
+
+    def _write_round(self, states: list[LarimarState], rows: list[list[str]], injection_ids: list[int], undo: list) -> None:
+        """Each memory's rows encoded, noised and written (``_write``), then committed; the
+        memory before is the undo record."""
+        for s, r, i in zip(states, rows, injection_ids):
             e = self.embed(r)
             z = self.latents(e)
             z = z + torch.stack([mm.row_noise(s.seed, i, k, z.shape[1], self.config.write_noise_std) for k in range(len(r))])
-            written.append(self._write(s, z, e, i))
-        seconds = time.perf_counter() - start
-        results = []
-        for s, new, (r, n_tok), i in zip(states, written, rows, new_ids):
+            new = self._write(s, z, e, i)
+            undo.append((s, s.clone(deep=False)))
             s.assign(new)
-            results.append(InjectResult(i, n_tok, len(r), seconds))
-        return results[0] if single else results
 
     def _write(self, state: LarimarState, z: Tensor, keys: Tensor, injection_id: int) -> LarimarState:
         """A new state: ``state`` plus rows z [m, C] (noised) with embeddings keys [m, D], written
@@ -343,99 +304,13 @@ class LarimarLM:
             return users[-1] if users else (prompt[-1].get("content", "") if prompt else "")
         return prompt
 
-    # ---- generation ----
-    def stream(self, memory, prompt, *, chat: bool | None = None, **sampling) -> Iterator[str]:
-        yield from self._run([memory], [prompt], chat, SamplingParams(**sampling), stream=True)
+    # ---- generation and scoring: the read's query is what the user asked (not the template
+    # around it) ----
+    def _decoder(self, states, prompts):
+        return self.model, self.prefix(states, [self._query_text(p) for p in prompts])
 
-    def generate(self, memory, prompt, *, chat: bool | None = None, **sampling) -> Generation:
-        return next(self._run([memory], [prompt], chat, SamplingParams(**sampling), stream=False))
-
-    def generate_batch(self, memories, prompts, *, chat: bool | None = None, **sampling) -> list[Generation]:
-        if len(memories) != len(prompts):
-            raise ValueError(f"{len(memories)} memories but {len(prompts)} prompts")
-        return list(self._run(list(memories), list(prompts), chat, SamplingParams(**sampling), stream=False))
-
-    def _run(self, states, prompts, chat, params: SamplingParams, stream: bool):
-        for s in states:
-            if s is not None:
-                self._check_state(s)
-        built = [self._prompt(p, chat) for p in prompts]
-        encoded = [self.encode(text) for text, _ in built]
-        if any(len(e) == 0 for e in encoded):
-            raise ValueError("prompt is empty")
-        dev = self.model.device
-        input_ids, mask = left_pad(encoded, pad_token_id(self.tokenizer))
-        eos = self.config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            eos_ids.add(self.tokenizer.eos_token_id)
-        texts = [TextStream(self.tokenizer, params.stop + [x for x in implied if x not in params.stop]) for _, implied in built]
-        guards = [RepetitionGuard(params.repeat_ngram, params.repeat_limit) for _ in encoded]
-        finish = ["length"] * len(encoded)
-        t0 = time.perf_counter()
-        # the read's query is what the user asked (not the template around it)
-        prefix = self.prefix(states, [self._query_text(p) for p in prompts])
-
-        def stopped(tokens: Tensor) -> Tensor:
-            return torch.tensor([t.stopped or f == "repetition" for t, f in zip(texts, finish)], device=tokens.device)
-
-        t_first = None
-        for tokens, active in decode(self.model, prefix, input_ids.to(dev), None if bool(mask.all()) else mask.to(dev), params, eos_ids, stopped):
-            if t_first is None:
-                t_first = time.perf_counter()
-            for b, (tok, act) in enumerate(zip(tokens.tolist(), active.tolist())):
-                if not act:
-                    continue
-                if tok in eos_ids:
-                    finish[b] = "stop"
-                    continue
-                piece = texts[b].push(tok)
-                if texts[b].stopped:
-                    finish[b] = "stop"
-                elif guards[b].push(tok):  # a degenerate loop: end the row (its text is kept)
-                    finish[b] = "repetition"
-                if stream and piece:
-                    yield piece
-        t_end = time.perf_counter()
-        t_first = t_first or t_end
-        if stream:
-            tail = texts[0].finish()
-            if tail:
-                yield tail
-            return
-        for b, t in enumerate(texts):
-            t.finish()
-            yield Generation(t.text, t.ids, len(encoded[b]), t_first - t0, t_end - t_first, finish[b])
-
-    # ---- scoring ----
-    @torch.inference_mode()
-    def score(self, memories, prompts, answers) -> list[tuple[float, int]]:
-        """Teacher-forced log P(answer | memory read with the prompt as query, prompt) per row:
-        (sum of token log-probs, token count); the answer tokenised as in MemoryLLM's ``score``."""
-        if not len(memories) == len(prompts) == len(answers):
-            raise ValueError(f"{len(memories)} memories, {len(prompts)} prompts and {len(answers)} answers")
-        for s in memories:
-            if s is not None:
-                self._check_state(s)
-        seqs, spans = [], []
-        for p, a in zip(prompts, answers):
-            p_ids = self.encode(p)
-            sep = "" if p.endswith((" ", "\n")) else " "
-            full = self.encode(p + sep + a)
-            a_ids = full[len(p_ids):] if full[: len(p_ids)] == p_ids and len(full) > len(p_ids) else self.encode(sep + a)
-            if not a_ids:
-                raise ValueError(f"answer {a!r} encodes to no tokens")
-            seqs.append(p_ids + a_ids)
-            spans.append(len(a_ids))
-        ids, mask = left_pad(seqs, pad_token_id(self.tokenizer))
-        T, dev = ids.shape[1], self.model.device
-        logits = self.model(ids.to(dev), None if bool(mask.all()) else mask.to(dev), memory=self.prefix(list(memories), list(prompts)))
-        logp = torch.log_softmax(logits.float(), -1)
-        out = []
-        for b, n in enumerate(spans):
-            tgt = ids[b, T - n:].to(dev)
-            out.append((logp[b, T - n - 1: T - 1].gather(-1, tgt[:, None]).sum().item(), n))
-        return out
+    def _logits(self, ids: Tensor, mask: Tensor | None, memories, prompts) -> Tensor:
+        return self.model(ids, mask, memory=self.prefix(memories, prompts))
 
     # ---- attribution, comparison, sizes ----
     def owners(self, memory: LarimarState) -> Tensor:
@@ -462,16 +337,12 @@ class LarimarLM:
             return Counter(zip(s.owners.tolist(), s.chunks.tolist(), map(bytes, s.z.contiguous().view(torch.uint8).reshape(s.rows, -1).numpy())))
         ra, rb = rows(a), rows(b)
         plus, minus = rb - ra, ra - rb
-        added, removed = Counter(), Counter()
-        for (o, _, _), n in plus.items():
-            added[o] += n
-        for (o, _, _), n in minus.items():
-            removed[o] += n
+        added_by, removed_by = by_injection(plus, minus, lambda key: key[0])
         base = float(a.M.norm())
         return {
             "changed_units": sum(plus.values()) + sum(minus.values()),
-            "added_by_injection": {int(k): v for k, v in sorted(added.items())},
-            "removed_by_injection": {int(k): v for k, v in sorted(removed.items())},
+            "added_by_injection": added_by,
+            "removed_by_injection": removed_by,
             "memory_change": float((b.M - a.M).norm() / base) if base else None,  # relative Frobenius change of M
         }
 
@@ -549,12 +420,6 @@ class LarimarLM:
             "singular_max": round(float(s.max()), 6),
             "rank": int((s > s.max() * mm.EXACT_RTOL).sum()) if memory.rows else 0,
         }, (safe.clone(), keys)
-
-    def editable_weight(self, layer: int) -> Tensor:
-        layers = self.model.model.layers
-        if not 0 <= layer < len(layers):
-            raise ValueError(f"layer must be in [0, {len(layers) - 1}], got {layer}")
-        return layers[layer].mlp.down_proj.weight
 
     def backbone_logits(self, ids: Sequence[int]) -> Tensor:
         with torch.enable_grad():

@@ -11,19 +11,14 @@ that loading a memory costs no solve.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .. import statefile
 from ..api import MemoryFormatError
-from ..files import atomic_write
 
 FORMAT = "larimar-state/1"
 TENSORS = ("M", "U", "z", "keys", "w", "owners", "chunks")
@@ -70,6 +65,11 @@ class LarimarState:
         self.seed, self.update_count, self.last_injection_id = other.seed, other.update_count, other.last_injection_id
         self.model_id, self.version, self.cache = other.model_id, other.version, None
 
+    def undo_(self, record: "LarimarState") -> None:
+        """Undo a write (``LarimarLM.inject``): the record is the memory before it, whose tensors
+        no write changed in place."""
+        self.assign(record)
+
     def equal(self, other: "LarimarState") -> bool:
         """Bit-exact equality of everything that determines future behaviour."""
         return all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(self.tensors().values(), other.tensors().values())) and (
@@ -80,51 +80,22 @@ class LarimarState:
         """Write atomically: a crash leaves the old file or the new one, never a mix."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         meta = {"format": FORMAT, "model_id": self.model_id, **{k: str(getattr(self, k)) for k in COUNTERS}}
-        meta["sha256"] = digest(tensors, meta)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        statefile.write(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expect_shape: tuple[int, int, int] | None = None, expect_model_id: str | None = None) -> "LarimarState":
         """expect_shape: (K, C, D) of the model."""
-        path = Path(path)
-        if not path.is_file():
-            raise MemoryFormatError(f"memory state file not found: {path}")
-        try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MemoryFormatError(f"{path} is not a readable memory state (truncated or corrupted?): {e}") from e
-        if meta.get("format") != FORMAT:
-            raise MemoryFormatError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r} (a memory of another design?)")
-        missing = set(TENSORS) - tensors.keys()
-        if missing:
-            raise MemoryFormatError(f"{path}: missing tensors {sorted(missing)}")
-        if meta.get("sha256") != digest(tensors, meta):
-            raise MemoryFormatError(f"{path}: checksum mismatch, the file is corrupted")
+        path, tensors, meta = statefile.read(path, FORMAT, TENSORS, format_hint=" (a memory of another design?)")
         n = tensors["owners"].shape[0]
         K, C = tensors["M"].shape if tensors["M"].dim() == 2 else (-1, -1)
         if K < 0 or any(tensors[k].shape[0] != n for k in ("z", "keys", "w", "chunks")) or tensors["z"].shape[1:] != (C,) or tensors["w"].shape[1:] != (K,):
             raise MemoryFormatError(f"{path}: inconsistent shapes {({k: tuple(v.shape) for k, v in tensors.items()})}")
         if expect_shape is not None and (K, C, tensors["keys"].shape[1]) != tuple(expect_shape):
             raise MemoryFormatError(f"{path}: memory (K, C, D) = {(K, C, tensors['keys'].shape[1])} does not fit this model {tuple(expect_shape)}")
-        if expect_model_id is not None and meta.get("model_id") != expect_model_id:
-            raise MemoryFormatError(f"{path}: made for model {meta.get('model_id')!r}, but this model is {expect_model_id!r}")
+        statefile.check_model(path, meta, expect_model_id)
         try:
             ints = {k: int(meta[k]) for k in COUNTERS}
         except (KeyError, ValueError) as e:
             raise MemoryFormatError(f"{path}: bad metadata: {e}") from e
         return cls(**{k: tensors[k] for k in TENSORS}, model_id=meta.get("model_id", ""), **ints)
 
-
-def digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
-    """sha256 of the tensors and the metadata (a flipped counter is as harmful as a flipped value)."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous().cpu()
-        h.update(name.encode())
-        h.update(json.dumps([str(t.dtype), list(t.shape)]).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

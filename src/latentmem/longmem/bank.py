@@ -17,19 +17,14 @@ the write order up to the last eviction (``settled``) so ``forget`` can say whic
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .. import statefile
 from ..api import MemoryFormatError
-from ..files import atomic_write
 from .model import chunk_means, top_chunks
 
 FORMAT = "longmem-bank/1"
@@ -242,35 +237,18 @@ class LongMemState:
             "update_count": str(self.update_count), "last_injection_id": str(self.last_injection_id),
             "evicted_chunks": str(self.evicted_chunks), "settled_chunks": str(self.settled_count()),
         }
-        meta["sha256"] = _digest(tensors, meta)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        statefile.write(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expect_shape: tuple[int, int, int], expect_model_id: str | None, capacity_chunks: int, device="cpu", dtype=None) -> LongMemState:
-        path = Path(path)
-        if not path.is_file():
-            raise MemoryFormatError(f"memory file not found: {path}")
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MemoryFormatError(f"{path} is not a readable LongMem bank (truncated or corrupted?): {e}") from e
-        if meta.get("format") != FORMAT:
-            raise MemoryFormatError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-        missing = {"keys", "values", "valid", "owner"} - tensors.keys()
-        if missing:
-            raise MemoryFormatError(f"{path}: missing tensors {sorted(missing)}")
-        if meta.get("sha256") != _digest(tensors, meta):
-            raise MemoryFormatError(f"{path}: checksum mismatch, the file is corrupted")
+        path, tensors, meta = statefile.read(path, FORMAT, ("keys", "values", "valid", "owner"), what="LongMem bank", file_what="memory")
         k, v, valid, owner = (tensors[n] for n in ("keys", "values", "valid", "owner"))
         C = k.shape[0]
         if k.dim() != 4 or v.shape != k.shape or tuple(valid.shape) != (C, k.shape[2]) or tuple(owner.shape) != (C,):
             raise MemoryFormatError(f"{path}: inconsistent shapes keys {tuple(k.shape)} values {tuple(v.shape)} valid {tuple(valid.shape)} owner {tuple(owner.shape)}")
         if tuple(k.shape[1:]) != tuple(expect_shape):
             raise MemoryFormatError(f"{path}: bank of (kv heads, chunk size, head dim) {tuple(k.shape[1:])} does not fit this model {tuple(expect_shape)}")
-        if expect_model_id is not None and meta.get("model_id") != expect_model_id:
-            raise MemoryFormatError(f"{path}: made for model {meta.get('model_id')!r}, but this model is {expect_model_id!r}")
+        statefile.check_model(path, meta, expect_model_id)
         if C > capacity_chunks:
             raise MemoryFormatError(f"{path}: holds {C} chunks, more than this model's capacity of {capacity_chunks}")
         try:
@@ -350,14 +328,3 @@ def read_banks(states: list[LongMemState | None], chunk_size: int, n: int, backe
 
     return read
 
-
-
-def _digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
-    """sha256 of the tensors and the metadata (a flipped counter is as harmful as a flipped key)."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous().cpu()
-        h.update(name.encode())
-        h.update(json.dumps([str(t.dtype), list(t.shape)]).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..api import ForgetResult, Generation, InjectionError, InjectResult, MemoryFormatError, MemoryInfo
-from ..generate import RepetitionGuard, SamplingParams, TextStream, decode
-from ..text import left_pad, pad_token_id, plain_prompt
+from ..api import ForgetResult, InjectionError, MemoryFormatError, MemoryInfo
+from ..design import DesignLM, by_injection
+from ..text import left_pad, pad_token_id
 from .bank import FREE, LongMemState, read_banks, to_chunks
 from .model import LongMem
 
@@ -71,20 +70,19 @@ def write_segments(model: LongMem, states: Sequence[LongMemState], segs: list[li
     return undo
 
 
-class LongMemLM:
-    """LongMem's implementation of ``latentmem.api.MemoryModel``."""
+class LongMemLM(DesignLM):
+    """LongMem's implementation of ``latentmem.api.MemoryModel`` (the loops around its steps:
+    ``latentmem.design.DesignLM``)."""
 
     design: ClassVar[str] = "longmem"
     # a chunk's keys depend only on its own segment, so removing an injection's chunks leaves
     # the bank one that never received it (ForgetResult.exact is False only after evictions)
     forget_exact: ClassVar[bool] = True
+    state_type: ClassVar[type] = LongMemState
+    inject_unit: ClassVar[str] = "segment"
 
     def __init__(self, model: LongMem, tokenizer, name: str = "model"):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
-        self.config = model.config
-        self.model_id = model_fingerprint(model)
+        super().__init__(model, tokenizer, name, model_fingerprint(model))
 
     # ---- memories ----
     def _bank_shape(self) -> tuple[int, int, int]:
@@ -106,87 +104,20 @@ class LongMemLM:
         if s.model_id != self.model_id:
             raise MemoryFormatError(f"memory was made for model {s.model_id!r}, this model is {self.model_id!r}")
 
-    # ---- tokenisation ----
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # ---- writing (encode, chat_prompt, inject, generate, stream, score: DesignLM's) ----
+    def _too_short(self, n: int) -> str:
+        return f"text has {n} tokens, fewer than one chunk ({self.config.min_inject_tokens}); pass allow_short=True to inject anyway"
 
-    def chat_prompt(self, prompt: str | list[dict], chat: bool | None) -> str:
-        """The text ``generate`` reads: ``chat=None`` the plain form (``text.plain_prompt``: a bare
-        question asked as ``Question: ... Answer:``); ``chat=False`` the string as given;
-        ``chat=True``, or a list of messages, the tokenizer's chat template (as every design)."""
-        return self._prompt(prompt, chat)[0]
-
-    def _prompt(self, prompt: str | list[dict], chat: bool | None) -> tuple[str, list[str]]:
-        """(prompt text, the stop strings its form implies: a newline for the QA form)."""
-        if isinstance(prompt, list) or chat:
-            if getattr(self.tokenizer, "chat_template", None) is None:
-                raise ValueError("this tokenizer has no chat template; pass a plain string prompt" if isinstance(prompt, list) else "chat=True but this tokenizer has no chat template")
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), []
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be str or a list of chat messages, got {type(prompt).__name__}")
-        return plain_prompt(prompt) if chat is None else (prompt, [])
-
-    # ---- writing ----
-    def _tokens_for_injection(self, text, allow_short: bool) -> list[int]:
-        if not isinstance(text, str):
-            raise InjectionError(f"text must be str, got {type(text).__name__}")
-        if not text.strip():
-            raise InjectionError("text is empty or whitespace only: nothing to inject")
-        ids = self.encode(text)
-        if len(ids) < self.config.min_inject_tokens and not allow_short:
-            raise InjectionError(f"text has {len(ids)} tokens, fewer than one chunk ({self.config.min_inject_tokens}); pass allow_short=True to inject anyway")
+    def _units(self, text, allow_short: bool) -> tuple[list[list[int]], int, int]:
+        """``inject`` writes a text as one backbone pass per segment, segments in order."""
+        ids = self._text_ids(text, allow_short)
         if not ids:
             raise InjectionError("text encodes to no tokens")
-        return ids
+        segs = segments(ids, self.config.max_inject_tokens, self.config.chunk_size)
+        return segs, sum(map(len, segs)), len(segs)
 
-    @torch.no_grad()
-    def inject(self, memory, text, *, allow_short: bool = False, progress: bool | None = None, injection_id=None):
-        """Write text into the bank: one backbone pass per segment, segments in order; with lists,
-        bank i receives text i, one pass per round of segments. Everything is validated first and
-        a failure part-way undoes every write of the call."""
-        single = isinstance(memory, LongMemState)
-        states = [memory] if single else list(memory)
-        texts = [text] if isinstance(text, str) or single else list(text)
-        if len(states) != len(texts):
-            raise InjectionError(f"{len(states)} memories but {len(texts)} texts")
-        if len({id(s) for s in states}) != len(states):
-            raise InjectionError("the same memory appears twice in one batch; inject its texts in sequence")
-        ids_given = [injection_id] * len(states) if injection_id is None or isinstance(injection_id, int) else list(injection_id)
-        if len(ids_given) != len(states):
-            raise InjectionError(f"{len(states)} memories but {len(ids_given)} injection ids")
-        for s in states:
-            self._check_state(s)
-        c = self.config
-        segs = [segments(self._tokens_for_injection(t, allow_short), c.max_inject_tokens, c.chunk_size) for t in texts]
-        new_ids = [s.last_injection_id + 1 if ids_given[i] is None else int(ids_given[i]) for i, s in enumerate(states)]
-        start = time.perf_counter()
-        rounds = max(map(len, segs))
-        bar = None
-        if progress or (progress is None and rounds > 8):
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(map(len, segs)), desc="injecting", unit="segment")
-        undo: list = []
-        try:
-            for r in range(rounds):
-                rows = [i for i, sg in enumerate(segs) if r < len(sg)]
-                self._write([states[i] for i in rows], [segs[i][r] for i in rows], [new_ids[i] for i in rows], undo)
-                if bar is not None:
-                    bar.update(len(rows))
-        except BaseException:
-            for state, record in reversed(undo):
-                state.undo_(record)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        seconds = time.perf_counter() - start
-        results = []
-        for s, sg, i in zip(states, segs, new_ids):
-            s.last_injection_id = max(s.last_injection_id, i)
-            results.append(InjectResult(i, sum(map(len, sg)), len(sg), seconds))
-        return results[0] if single else results
+    def _write_round(self, states, segs, injection_ids, undo) -> None:
+        self._write(states, segs, injection_ids, undo)
 
     def _write(self, states: list[LongMemState], segs: list[list[int]], injection_ids: list[int], undo: list) -> list:
         """One segment into each bank (``write_segments``)."""
@@ -198,97 +129,11 @@ class LongMemLM:
         c = self.config
         return read_banks(list(states), c.chunk_size, c.memory_chunks, c.retrieval, c.faiss_min_chunks)
 
-    def stream(self, memory, prompt, *, chat=None, **sampling) -> Iterator[str]:
-        yield from self._run([memory], [prompt], chat, SamplingParams(**sampling), stream=True)
+    def _decoder(self, states, prompts):
+        return self.model.decoder(self.reader(states)), None
 
-    def generate(self, memory, prompt, *, chat=None, **sampling) -> Generation:
-        return next(self._run([memory], [prompt], chat, SamplingParams(**sampling), stream=False))
-
-    def generate_batch(self, memories, prompts, *, chat=None, **sampling) -> list[Generation]:
-        if len(memories) != len(prompts):
-            raise ValueError(f"{len(memories)} memories but {len(prompts)} prompts")
-        return list(self._run(list(memories), list(prompts), chat, SamplingParams(**sampling), stream=False))
-
-    def _run(self, states, prompts, chat, params: SamplingParams, stream: bool):
-        for s in states:
-            if s is not None:
-                self._check_state(s)
-        built = [self._prompt(p, chat) for p in prompts]
-        encoded = [self.encode(text) for text, _ in built]
-        if any(len(e) == 0 for e in encoded):
-            raise ValueError("prompt is empty")
-        dev = self.model.device
-        input_ids, mask = left_pad(encoded, pad_token_id(self.tokenizer))
-        eos = self.config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            eos_ids.add(self.tokenizer.eos_token_id)
-        # each row's stop strings: the caller's plus those its prompt form implies (QA: newline)
-        texts = [TextStream(self.tokenizer, params.stop + [x for x in implied if x not in params.stop]) for _, implied in built]
-        guards = [RepetitionGuard(params.repeat_ngram, params.repeat_limit) for _ in encoded]
-        finish = ["length"] * len(encoded)
-        t0 = time.perf_counter()
-        decoder = self.model.decoder(self.reader(states))
-
-        def stopped(tokens: Tensor) -> Tensor:
-            return torch.tensor([t.stopped or f == "repetition" for t, f in zip(texts, finish)], device=tokens.device)
-
-        t_first = None
-        for tokens, active in decode(decoder, None, input_ids.to(dev), None if bool(mask.all()) else mask.to(dev), params, eos_ids, stopped):
-            if t_first is None:
-                t_first = time.perf_counter()
-            for b, (tok, act) in enumerate(zip(tokens.tolist(), active.tolist())):
-                if not act:
-                    continue
-                if tok in eos_ids:
-                    finish[b] = "stop"
-                    continue
-                piece = texts[b].push(tok)
-                if texts[b].stopped:
-                    finish[b] = "stop"
-                elif guards[b].push(tok):  # a degenerate loop: end the row (its text is kept)
-                    finish[b] = "repetition"
-                if stream and piece:
-                    yield piece
-        t_end = time.perf_counter()
-        t_first = t_first or t_end
-        if stream:
-            tail = texts[0].finish()
-            if tail:
-                yield tail
-            return
-        for b, t in enumerate(texts):
-            t.finish()
-            yield Generation(t.text, t.ids, len(encoded[b]), t_first - t0, t_end - t_first, finish[b])
-
-    @torch.inference_mode()
-    def score(self, memories, prompts, answers) -> list[tuple[float, int]]:
-        """Teacher-forced log P(answer | memory, prompt) per row (sum of token log-probs, tokens);
-        the answer tokenised as it continues the prompt (as MemoryLLM's ``score``)."""
-        if not len(memories) == len(prompts) == len(answers):
-            raise ValueError(f"{len(memories)} memories, {len(prompts)} prompts and {len(answers)} answers")
-        for s in memories:
-            if s is not None:
-                self._check_state(s)
-        seqs, spans = [], []
-        for p, a in zip(prompts, answers):
-            p_ids = self.encode(p)
-            sep = "" if p.endswith((" ", "\n")) else " "
-            full = self.encode(p + sep + a)
-            a_ids = full[len(p_ids) :] if full[: len(p_ids)] == p_ids and len(full) > len(p_ids) else self.encode(sep + a)
-            if not a_ids:
-                raise ValueError(f"answer {a!r} encodes to no tokens")
-            seqs.append(p_ids + a_ids)
-            spans.append(len(a_ids))
-        ids, mask = left_pad(seqs, pad_token_id(self.tokenizer))
-        T, dev = ids.shape[1], self.model.device
-        logits = self.model(ids.to(dev), None if bool(mask.all()) else mask.to(dev), read=self.reader(list(memories)))
-        logp = torch.log_softmax(logits.float(), -1)
-        out = []
-        for b, n in enumerate(spans):
-            tgt = ids[b, T - n :].to(dev)
-            out.append((logp[b, T - n - 1 : T - 1].gather(-1, tgt[:, None]).sum().item(), n))
-        return out
+    def _logits(self, ids: Tensor, mask: Tensor | None, memories, prompts) -> Tensor:
+        return self.model(ids, mask, read=self.reader(memories))
 
     # ---- forgetting, attribution, comparison ----
     def forget(self, memory: LongMemState, injection_id: int) -> ForgetResult:
@@ -331,17 +176,13 @@ class LongMemLM:
 
         ra, rb = rows(a), rows(b)
         plus, minus = rb - ra, ra - rb
-        added, removed = Counter(), Counter()
-        for (_, _, o), n in plus.items():
-            added[o] += n
-        for (_, _, o), n in minus.items():
-            removed[o] += n
+        added_by, removed_by = by_injection(plus, minus, lambda key: key[2])
         return {
             "changed_units": sum(plus.values()),
             "added": sum(plus.values()),
             "removed": sum(minus.values()),
-            "added_by_injection": {int(k): v for k, v in sorted(added.items())},
-            "removed_by_injection": {int(k): v for k, v in sorted(removed.items())},
+            "added_by_injection": added_by,
+            "removed_by_injection": removed_by,
         }
 
     def info(self, memory: LongMemState | None = None) -> MemoryInfo:
@@ -425,12 +266,6 @@ class LongMemLM:
             "replaced_since_start": round(float((owners > since_injection).float().mean()), 6) if len(owners) else 0.0,
             "chunks": len(owners),
         }, {"avg": avg, "seqs": seqs}
-
-    def editable_weight(self, layer: int) -> Tensor:
-        layers = self.model.model.layers
-        if not 0 <= layer < len(layers):
-            raise ValueError(f"layer must be in [0, {len(layers) - 1}], got {layer}")
-        return layers[layer].mlp.down_proj.weight
 
     def backbone_logits(self, ids: Sequence[int]) -> Tensor:
         with torch.enable_grad():

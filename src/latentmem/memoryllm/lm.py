@@ -15,19 +15,18 @@ Every function also takes lists, so B users' pools are written or read in one fo
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..api import ForgetResult, Generation, InjectionError, InjectResult, MemoryInfo
+from ..api import ForgetResult, InjectionError, MemoryInfo  # noqa: F401 (InjectionError: importable from here, as always)
 from ..backbone import KV
-from ..generate import Rows, SamplingParams, decode
-from ..text import chunk_ids, left_pad, pad_token_id, prompt_for
+from ..design import DesignLM, by_injection
+from ..text import chunk_ids, pad_token_id
 from .model import MemoryLLM, self_update
 from .state import NEVER_WRITTEN, MemoryState, MemoryStateError
 
@@ -63,20 +62,19 @@ class CapacityWarning(UserWarning):
     """``inject`` was given a text that needs more updates than the memory keeps."""
 
 
-class MemoryLM:
-    """MemoryLLM's implementation of ``latentmem.api.MemoryModel``."""
+class MemoryLM(DesignLM):
+    """MemoryLLM's implementation of ``latentmem.api.MemoryModel`` (the loops around its steps:
+    ``latentmem.design.DesignLM``)."""
 
     design: ClassVar[str] = "memoryllm"
     # forget() resets the injection's slots, but later injections read those slots while they
     # were written, so traces may remain in theirs: exactness needs a replay (the store's job)
     forget_exact: ClassVar[bool] = False
+    state_type: ClassVar[type] = MemoryState
+    inject_unit: ClassVar[str] = "chunk"
 
     def __init__(self, model: MemoryLLM, tokenizer, name: str = "model"):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
-        self.config = model.config
-        self.model_id = model_fingerprint(model)
+        super().__init__(model, tokenizer, name, model_fingerprint(model))
         # the checkpoint's own pool, taken off the model so that it holds no copy of any pool
         self.checkpoint_pool: tuple[Tensor, bool] | None = model.__dict__.pop("checkpoint_pool", None)
 
@@ -100,91 +98,27 @@ class MemoryLM:
             state.initialized = initialized
         return state
 
-    # ---- tokenisation ----
-    def encode(self, text: str) -> list[int]:
-        # The tokenizer's BOS is not added: the learned per-layer bos_embedding plays that role.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def chat_prompt(self, prompt: str | list[dict], chat: bool | None) -> str:
-        """The text ``generate`` reads: ``chat=None`` (the default) the plain form the shipped
-        weights were trained on (``text.plain_prompt``: a bare question is asked as
-        ``Question: ... Answer:``); ``chat=False`` the string exactly as given; ``chat=True``, or a
-        list of messages, the tokenizer's chat template."""
-        return self._prompt(prompt, chat)[0]
-
-    def _prompt(self, prompt: str | list[dict], chat: bool | None) -> tuple[str, list[str]]:
-        """(prompt text, the stop strings its form implies: a newline for the QA form)."""
-        return prompt_for(self.tokenizer, prompt, chat)
+    # encode, chat_prompt, inject, generate, stream, score: DesignLM's (``encode`` adds no BOS:
+    # the learned per-layer bos_embedding plays that role)
 
     # ---- writing (self-update) ----
     def chunk(self, ids: list[int]) -> list[list[int]]:
         """Split into near-equal chunks of at most max_inject_tokens (so no tiny last chunk)."""
         return chunk_ids(ids, self.config.max_inject_tokens)
 
-    def _tokens_for_injection(self, text: str, allow_short: bool) -> list[int]:
-        if not isinstance(text, str):
-            raise InjectionError(f"text must be str, got {type(text).__name__}")
-        if not text.strip():
-            raise InjectionError("text is empty or whitespace only: nothing to inject")
-        ids = self.encode(text)
-        if len(ids) < self.config.min_inject_tokens and not allow_short:
-            raise InjectionError(
-                f"text has {len(ids)} tokens, fewer than the {self.config.min_inject_tokens}-token minimum "
-                "(shorter contexts disturb the memory, as the MemoryLLM releases warn); pass allow_short=True to inject anyway"
-            )
-        return ids
+    def _too_short(self, n: int) -> str:
+        return (
+            f"text has {n} tokens, fewer than the {self.config.min_inject_tokens}-token minimum "
+            "(shorter contexts disturb the memory, as the MemoryLLM releases warn); pass allow_short=True to inject anyway"
+        )
 
-    @torch.no_grad()  # not inference_mode: pools made in it could never be written in place outside it
-    def inject(self, memory: MemoryState | Sequence[MemoryState], text: str | Sequence[str], *, allow_short: bool = False, progress: bool | None = None, injection_id: int | Sequence[int] | None = None) -> InjectResult | list[InjectResult]:
-        """Write text into memory: one self-update per chunk, chunks in order.
+    def _units(self, text, allow_short: bool) -> tuple[list[list[int]], int, int]:
+        """``inject`` writes a text as one self-update per chunk, chunks in order."""
+        chunks = self.chunk(self._text_ids(text, allow_short))
+        return chunks, sum(map(len, chunks)), len(chunks)
 
-        With lists, pool i receives text i; pools are updated together, one forward pass per
-        round of chunks. All inputs are validated before anything changes, and pools are
-        committed only after every update succeeded, so an error leaves them untouched.
-        """
-        single = isinstance(memory, MemoryState)
-        states = [memory] if single else list(memory)
-        texts = [text] if isinstance(text, str) or single else list(text)
-        if len(states) != len(texts):
-            raise InjectionError(f"{len(states)} memories but {len(texts)} texts")
-        if len({id(s) for s in states}) != len(states):
-            raise InjectionError("the same memory appears twice in one batch; inject its texts in sequence")
-        ids_given = [injection_id] * len(states) if injection_id is None or isinstance(injection_id, int) else list(injection_id)
-        if len(ids_given) != len(states):
-            raise InjectionError(f"{len(states)} memories but {len(ids_given)} injection ids")
-        for s in states:
-            self._check_state(s)
-        chunks = [self.chunk(self._tokens_for_injection(t, allow_short)) for t in texts]
+    def _check_units(self, states: list[MemoryState], chunks: list[list[list[int]]]) -> None:
         self._warn_capacity(max(map(len, chunks)), max(sum(map(len, c)) for c in chunks), len(chunks))
-        new_ids = [s.last_injection_id + 1 if ids_given[i] is None else int(ids_given[i]) for i, s in enumerate(states)]
-
-        start = time.perf_counter()
-        rounds = max(len(c) for c in chunks)
-        bar = None
-        if progress or (progress is None and rounds > 8):
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(len(c) for c in chunks), desc="injecting", unit="chunk")
-        undo: list[tuple[MemoryState, tuple]] = []  # updates are in place; this restores them on error
-        try:
-            for r in range(rounds):
-                rows = [i for i, c in enumerate(chunks) if r < len(c)]
-                self._update([states[i] for i in rows], [chunks[i][r] for i in rows], [new_ids[i] for i in rows], undo)
-                if bar is not None:
-                    bar.update(len(rows))
-        except BaseException:
-            for state, record in reversed(undo):
-                state.undo_(record)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        seconds = time.perf_counter() - start
-        results = []
-        for s, c, i in zip(states, chunks, new_ids):
-            s.last_injection_id = max(s.last_injection_id, i)
-            results.append(InjectResult(i, sum(map(len, c)), len(c), seconds))
-        return results[0] if single else results
 
     def _warn_capacity(self, chunks: int, tokens: int, texts: int) -> None:
         """Warn (issue 15) when a text takes more updates than the pool keeps: every update drops
@@ -206,12 +140,15 @@ class MemoryLM:
             f"(about the last {keep * c.max_inject_tokens} tokens) can be recalled; inject long texts in parts you "
             f"query before writing more",
             CapacityWarning,
-            stacklevel=4,  # the caller of inject (past the no_grad wrapper)
+            stacklevel=5,  # the caller of inject (past _check_units, inject and its no_grad wrapper)
         )
 
     def _update(self, states: list[MemoryState], chunk_ids: list[list[int]], injection_ids: list[int], undo: list | None = None) -> list[tuple[MemoryState, tuple]]:
-        """One self-update of each pool, in place (``model.self_update``)."""
+        """One self-update of each pool, in place (``model.self_update``): a round of ``inject``."""
         return self_update(self.model, states, chunk_ids, injection_ids, pad_token_id(self.tokenizer), undo)
+
+    def _write_round(self, states, chunk_ids, injection_ids, undo) -> None:
+        self._update(states, chunk_ids, injection_ids, undo)
 
     def _check_state(self, s: MemoryState) -> None:
         c = self.config
@@ -248,95 +185,12 @@ class MemoryLM:
             torch.cat([p.next_pos for p in filled]),
         )
 
-    def stream(self, memory: MemoryState | None, prompt: str | list[dict], *, chat: bool | None = None, **sampling) -> Iterator[str]:
-        """Yield the answer's text piece by piece (stop strings never leak into the stream)."""
-        yield from self._run([memory], [prompt], chat, SamplingParams(**sampling), stream=True)
+    def _decoder(self, states, prompts) -> tuple[MemoryLLM, KV | None]:
+        return self.model, self.prefix(states)
 
-    def generate(self, memory: MemoryState | None, prompt: str | list[dict], *, chat: bool | None = None, **sampling) -> Generation:
-        return next(self._run([memory], [prompt], chat, SamplingParams(**sampling), stream=False))
-
-    def generate_batch(self, memories: Sequence[MemoryState | None], prompts: Sequence[str | list[dict]], *, chat: bool | None = None, **sampling) -> list[Generation]:
-        """Row i answers prompts[i] from memories[i]; one forward pass per step for all rows."""
-        if len(memories) != len(prompts):
-            raise ValueError(f"{len(memories)} memories but {len(prompts)} prompts")
-        return list(self._run(list(memories), list(prompts), chat, SamplingParams(**sampling), stream=False))
-
-    def _run(self, states, prompts, chat, params: SamplingParams, stream: bool):
-        for s in states:
-            if s is not None:
-                self._check_state(s)
-        built = [self._prompt(p, chat) for p in prompts]
-        encoded = [self.encode(text) for text, _ in built]
-        if any(len(e) == 0 for e in encoded):
-            raise ValueError("prompt is empty")
-        dev = self.model.device
-        input_ids, mask = left_pad(encoded, pad_token_id(self.tokenizer))
-        eos = self.config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            eos_ids.add(self.tokenizer.eos_token_id)
-        rows = Rows(self.tokenizer, params, [implied for _, implied in built], eos_ids)  # stop strings, loop guard, finish reasons
-        t0 = time.perf_counter()
-        prefix = self.prefix(states)
-        t_first = None
-        # decode() runs the model in inference mode around each step; no `with` here, or the
-        # caller would run in inference mode between the pieces of a stream
-        for tokens, active in decode(self.model, prefix, input_ids.to(dev), None if bool(mask.all()) else mask.to(dev), params, eos_ids, rows.stopped):
-            if t_first is None:
-                t_first = time.perf_counter()
-            for b, (tok, act) in enumerate(zip(tokens.tolist(), active.tolist())):
-                if act:
-                    piece = rows.push(b, tok)
-                    if stream and piece:
-                        yield piece
-        t_end = time.perf_counter()
-        t_first = t_first or t_end
-        if stream:
-            tail = rows.texts[0].finish()
-            if tail:
-                yield tail
-            return
-        for b, t in enumerate(rows.texts):
-            t.finish()
-            yield Generation(t.text, t.ids, len(encoded[b]), t_first - t0, t_end - t_first, rows.finish[b])
-
-
-    # ---- scoring ----
-    @torch.inference_mode()
-    def score(self, memories: Sequence[MemoryState | None], prompts: Sequence[str], answers: Sequence[str]) -> list[tuple[float, int]]:
-        """Teacher-forced log P(answer | memory, prompt) per row: (sum of token log-probs, token count).
-
-        The answer is tokenised as it continues the prompt (``encode(prompt + " " + answer)`` minus
-        the prompt's tokens, falling back to encoding " answer" alone when tokenisation merges across
-        the boundary). Rows are left-padded and read their own pool's memory in one forward pass.
-        """
-        if not len(memories) == len(prompts) == len(answers):
-            raise ValueError(f"{len(memories)} memories, {len(prompts)} prompts and {len(answers)} answers")
-        for s in memories:
-            if s is not None:
-                self._check_state(s)
-        seqs, spans = [], []
-        for p, a in zip(prompts, answers):
-            p_ids = self.encode(p)
-            sep = "" if p.endswith((" ", "\n")) else " "
-            full = self.encode(p + sep + a)
-            if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
-                a_ids = full[len(p_ids) :]
-            else:
-                a_ids = self.encode(sep + a)
-            if not a_ids:
-                raise ValueError(f"answer {a!r} encodes to no tokens")
-            seqs.append(p_ids + a_ids)
-            spans.append(len(a_ids))
-        ids, mask = left_pad(seqs, pad_token_id(self.tokenizer))
-        T, dev = ids.shape[1], self.model.device
-        logits = self.model(ids.to(dev), None if bool(mask.all()) else mask.to(dev), memory=self.prefix(list(memories)))
-        logp = torch.log_softmax(logits.float(), -1)
-        out = []
-        for b, n in enumerate(spans):
-            tgt = ids[b, T - n :].to(dev)
-            out.append((logp[b, T - n - 1 : T - 1].gather(-1, tgt[:, None]).sum().item(), n))
-        return out
+    # ---- scoring (``score``: DesignLM's) ----
+    def _logits(self, ids: Tensor, mask: Tensor | None, memories, prompts) -> Tensor:
+        return self.model(ids, mask, memory=self.prefix(memories))
 
     # ---- forgetting, attribution, comparison ----
     def forget(self, memory: MemoryState, injection_id: int) -> ForgetResult:
@@ -394,15 +248,14 @@ class MemoryLM:
             rb = Counter(zip(map(bytes, mb[layer].contiguous().view(torch.uint8).numpy()), pb[layer].tolist()))
             plus, minus = rb - ra, ra - rb
             layers.append({"layer": layer, "added": sum(plus.values()), "removed": sum(minus.values())})
-            for (_, prov), n in plus.items():
-                added[prov] += n
-            for (_, prov), n in minus.items():
-                removed[prov] += n
+            added.update({(layer, *k): n for k, n in plus.items()})
+            removed.update({(layer, *k): n for k, n in minus.items()})
+        added_by, removed_by = by_injection(added, removed, lambda key: key[2])  # -1: reset / never written
         return {
             "changed_units": sum(x["added"] for x in layers),
             "layers": layers,
-            "added_by_injection": {int(k): v for k, v in sorted(added.items())},  # -1: reset / never written
-            "removed_by_injection": {int(k): v for k, v in sorted(removed.items())},
+            "added_by_injection": added_by,
+            "removed_by_injection": removed_by,
         }
 
     def info(self, memory: MemoryState | None = None) -> MemoryInfo:
@@ -487,15 +340,6 @@ class MemoryLM:
             "replaced_since_start": round(replaced, 6),
             "rewritten_since_last_check": None if rewritten is None else round(rewritten, 6),
         }, (safe, memory.provenance.clone())
-
-    def editable_weight(self, layer: int) -> Tensor:
-        """For baselines that edit the backbone (FT-L): the live weight [hidden, intermediate] of
-        decoder layer ``layer``'s MLP output projection (Llama's ``down_proj``). Writes to it
-        change every later call; the caller restores it."""
-        layers = self.model.model.layers
-        if not 0 <= layer < len(layers):
-            raise ValueError(f"layer must be in [0, {len(layers) - 1}], got {layer}")
-        return layers[layer].mlp.down_proj.weight
 
     def backbone_logits(self, ids: Sequence[int]) -> Tensor:
         """For baselines that edit the backbone: logits [T, V] of one token sequence read with no

@@ -7,19 +7,14 @@ indices are always drawn on the CPU.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .. import statefile
 from ..api import MemoryFormatError
-from ..files import atomic_write
 
 FORMAT = "memoryllm-state/1"
 NEVER_WRITTEN = -1
@@ -204,29 +199,11 @@ class MemoryState:
             "model_id": self.model_id,
             "version": str(self.version),
         }
-        meta["sha256"] = _digest(tensors, meta)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        statefile.write(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expect_shape: tuple[int, int, int] | None = None, expect_model_id: str | None = None, device="cpu", dtype=None) -> "MemoryState":
-        path = Path(path)
-        if not path.is_file():
-            raise MemoryStateError(f"memory state file not found: {path}")
-        try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MemoryStateError(f"{path} is not a readable memory state (truncated or corrupted?): {e}") from e
-        if meta.get("format") != FORMAT:
-            raise MemoryStateError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-        missing = {"memory", "provenance", "generator_state"} - tensors.keys()
-        if missing:
-            raise MemoryStateError(f"{path}: missing tensors {sorted(missing)}")
-        if meta.get("sha256") != _digest(tensors, meta):
-            raise MemoryStateError(f"{path}: checksum mismatch, the file is corrupted")
+        path, tensors, meta = statefile.read(path, FORMAT, ("memory", "provenance", "generator_state"))
         mem, prov = tensors["memory"], tensors["provenance"]
         if mem.dim() != 3 or prov.shape != mem.shape[:2]:
             raise MemoryStateError(f"{path}: inconsistent shapes memory {tuple(mem.shape)} provenance {tuple(prov.shape)}")
@@ -234,8 +211,7 @@ class MemoryState:
             names = ("layers", "memory tokens N", "hidden size")
             diffs = [f"{n}: file {a} vs model {b}" for n, a, b in zip(names, mem.shape, expect_shape) if a != b]
             raise MemoryStateError(f"{path}: memory shape {tuple(mem.shape)} does not fit this model {tuple(expect_shape)} ({'; '.join(diffs)})")
-        if expect_model_id is not None and meta.get("model_id") and meta["model_id"] != expect_model_id:
-            raise MemoryStateError(f"{path}: made for model {meta['model_id']!r}, but this model is {expect_model_id!r}")
+        statefile.check_model(path, meta, expect_model_id, allow_unmarked=True)
         g = torch.Generator(device="cpu")
         try:
             g.set_state(tensors["generator_state"])
@@ -254,14 +230,3 @@ class MemoryState:
             version=ints["version"],
         )
 
-
-def _digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
-    """sha256 of the tensors and the metadata: a flipped counter or `initialized` flag is as
-    harmful as a flipped memory value."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous().cpu()
-        h.update(name.encode())
-        h.update(json.dumps([str(t.dtype), list(t.shape)]).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
