@@ -40,6 +40,9 @@ import torch
 
 import latentmem
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import OUT, recorded
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 QUESTION = "Summarise the text above in one sentence."
@@ -292,6 +295,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--rss-probe", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, default=256, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help="Markdown file for the tables, headed by the command and the date "
+                    "(default: results/benchmarks/core.md for a full run, core_<parts>[_quick].md otherwise)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -303,6 +308,13 @@ def main() -> None:
         return print(peak_rss())
     if args.rss_probe is not None:
         return rss_probe(args.rss_probe, args.k, 32)
+    full = args.parts == "abcde" and not args.quick
+    out = Path(args.out) if args.out else OUT / ("core.md" if full else f"core_{args.parts}{'_quick' if args.quick else ''}.md")
+    with recorded(out, "Core benchmarks (benchmarks/bench_core.py)"):
+        run_parts(args)
+
+
+def run_parts(args) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, fp32")
     if "a" in args.parts:
         sizes = [512, 2048, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]

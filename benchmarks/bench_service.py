@@ -27,6 +27,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import OUT, recorded
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikipedia_articles.jsonl"
 QUESTIONS = ["What is this about?", "Summarise what you remember.", "Who is mentioned?", "When did it happen?"]
@@ -153,8 +156,13 @@ def main() -> int:
     ap.add_argument("--scenarios", default="generate,mixed")
     ap.add_argument("--workdir", default=None, help="where the temporary data directories go")
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--out", default=str(OUT / "service.md"), help="Markdown file for the tables, headed by the command and the date")
     args = ap.parse_args()
+    with recorded(Path(args.out), "Service load benchmark (benchmarks/bench_service.py)"):
+        return run(args)
 
+
+def run(args) -> int:
     texts = passages(64)
     shares = {"generate": 0.0, "mixed": 0.2}
     results = []

@@ -23,10 +23,24 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def _subtitle(res: dict) -> str:
+    """The model and the memory weights it ran with (every plot says which weights it shows)."""
     m = res.get("model", {})
     trained = m.get("trained_memory_weights")
-    note = "" if trained is None else ("" if trained else ", memory weights UNTRAINED")
+    w = m.get("applied_weights") or {}
+    if trained is False:
+        note = ", memory weights UNTRAINED"
+    elif isinstance(w, dict) and w.get("sha256"):
+        folder = Path(str(w.get("path", ""))).parent.name  # runs/train_stage5/... -> train_stage5
+        note = f", memory weights {folder + ' ' if folder not in ('', 'assets') else ''}sha256 {w['sha256'][:8]}"
+    else:
+        note = ""
     return f"{m.get('name', '?')} (N={m.get('N')}, K={m.get('K')}{note})"
+
+
+def _legend(ax, **kw) -> None:
+    """A legend only when something carries a label (an empty one is a box with no entries)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**{"fontsize": 7, **kw})
 
 
 def plot_retention(res: dict, path) -> Path:
@@ -59,7 +73,9 @@ def plot_retention(res: dict, path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("log P(answer) per token (teacher-forced)")
     ax.legend(fontsize=7)
-    ax.set_title(_subtitle(res), fontsize=9)
+    ax.set_title("answer log-likelihood", fontsize=9)
+    fig.suptitle(_subtitle(res), fontsize=9)  # a figure title: panel titles side by side overlap
+    fig.subplots_adjust(top=0.84)
     return _save(fig, path)
 
 
@@ -73,7 +89,7 @@ def plot_integrity(res: dict, path) -> Path:
     ax.set_xlabel("updates")
     ax.set_ylabel("accuracy on the most recent context")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax.set_title(f"Integrity: {res['dataset']}, {res['progress']['updates']} updates", fontsize=9)
     ax = axes[1]
     if h:
@@ -87,7 +103,7 @@ def plot_integrity(res: dict, path) -> Path:
             ax.axvline(b, color="red", alpha=0.3)
     ax.set_xlabel("updates")
     ax.set_ylabel("mean L2 norm of memory tokens")
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax.set_title("memory health (red lines: NaN/Inf found)", fontsize=9)
     ax = axes[2]
     if h:
@@ -99,8 +115,10 @@ def plot_integrity(res: dict, path) -> Path:
             ax.plot(*zip(*rw), ":", label="fraction of slots rewritten since last check")
     ax.set_xlabel("updates")
     ax.set_ylabel("drift")
-    ax.legend(fontsize=7)
-    ax.set_title(_subtitle(res), fontsize=9)
+    _legend(ax)
+    ax.set_title("pool drift", fontsize=9)
+    fig.suptitle(_subtitle(res), fontsize=9)
+    fig.subplots_adjust(top=0.84)
     return _save(fig, path)
 
 
@@ -117,28 +135,45 @@ def plot_editing(res: dict, path) -> Path:
         ax.set_xticklabels(metrics)
         ax.set_ylim(0, 1.02)
         ax.set_title(f"editing ({kind}: {'answer generated' if kind == 'generation' else 'P(new) > P(old)'}), {res['edits']} edits", fontsize=9)
-        ax.legend(fontsize=6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.04))
     fig.suptitle(_subtitle(res), fontsize=9)
+    fig.subplots_adjust(bottom=0.16, top=0.85)
     return _save(fig, path)
 
 
 def plot_longqa(res: dict, path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     lengths = sorted(res["options"]["lengths"])
+    nan = float("nan")
+    drawn = [m for m, by_len in res["methods"].items() if any(by_len.get(str(L)) for L in lengths)]
     for m, by_len in res["methods"].items():
-        xs = [L for L in lengths if str(L) in by_len]
-        axes[0].errorbar(xs, [by_len[str(L)]["f1"]["mean"] for L in xs], yerr=[[by_len[str(L)]["f1"]["mean"] - by_len[str(L)]["f1"]["ci95"][0] for L in xs], [by_len[str(L)]["f1"]["ci95"][1] - by_len[str(L)]["f1"]["mean"] for L in xs]], marker="o", capsize=3, label=m)
-        axes[1].plot(xs, [res["timing"]["seconds_per_question"][m][str(L)] for L in xs], "o-", label=m)
+        # every length on the x axis, NaN where this method has no result: the line breaks there
+        # instead of joining the lengths either side of a missing one
+        rows = [by_len.get(str(L)) for L in lengths]
+        if not any(rows):
+            continue  # nothing measured: no line and no legend entry
+        mean = [r["f1"]["mean"] if r else nan for r in rows]
+        err = [[max(0.0, r["f1"]["mean"] - r["f1"]["ci95"][0]) if r else nan for r in rows],
+               [max(0.0, r["f1"]["ci95"][1] - r["f1"]["mean"]) if r else nan for r in rows]]
+        shift = 1.02 ** (drawn.index(m) - (len(drawn) - 1) / 2)  # methods side by side, not on top of each other
+        axes[0].errorbar([L * shift for L in lengths], mean, yerr=err, marker="o", capsize=3, label=m)
+        sec = res["timing"]["seconds_per_question"].get(m, {})
+        axes[1].plot(lengths, [sec.get(str(L), nan) if r else nan for L, r in zip(lengths, rows)], "o-", label=m)
     for ax in axes:
         ax.set_xscale("log", base=2)
+        ax.minorticks_off()  # log-scale minor labels overlap the ones set below
+        ax.set_xlim(min(lengths) / 1.4, max(lengths) * 1.4)
         ax.set_xticks(lengths)
         ax.set_xticklabels([f"{L // 1024}k" if L >= 1024 else str(L) for L in lengths])
         ax.set_xlabel("document length (tokens)")
-        ax.legend(fontsize=7)
+        _legend(ax)
     axes[0].set_ylabel("LongBench QA F1")
     axes[0].set_title(f"long-context QA: {res['dataset']} ({res['questions']} questions per length)", fontsize=9)
     axes[1].set_ylabel("seconds per question")
-    axes[1].set_title(_subtitle(res), fontsize=9)
+    axes[1].set_title("time per question", fontsize=9)
+    fig.suptitle(_subtitle(res), fontsize=9)
+    fig.subplots_adjust(top=0.84)
     return _save(fig, path)
 
 
