@@ -89,6 +89,17 @@ def tiny_lm(seed: int = 0, **overrides):
     return MemoryLM(tiny_model(seed, **overrides), make_tokenizer(), name="tiny")
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Put torch's thread count back after every test: the CLI's --threads sets it for the whole
+    process, and a later test would then write with other float summation orders (replays are
+    bit-exact only at one thread count, issue 17) or fork workers with a live OpenMP pool."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
