@@ -4,6 +4,9 @@ chat template, so every fast test runs in milliseconds on a CPU without any down
 from __future__ import annotations
 
 import functools
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -279,3 +282,27 @@ def assert_same_snapshot(a: dict, b: dict) -> None:
     for key in ("memory", "provenance", "order", "generator"):
         assert torch.equal(a[key], b[key]), key
     assert a["counters"] == b["counters"]
+
+
+class LoopbackServer:
+    """uvicorn on 127.0.0.1 (a free port) in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -3,13 +3,10 @@ every method, streaming, errors as exceptions with status and message, export/im
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 
 import pytest
 import torch
-from conftest import CORPUS, tiny_lm
+from conftest import CORPUS, LoopbackServer, tiny_lm
 
 from latentmem.store import MemoryStore
 from latentmem.store.client import (
@@ -29,37 +26,13 @@ torch.set_num_threads(1)
 LIMITS = ServiceSettings(max_body_bytes=16_384, max_new_tokens=16, max_texts=4, max_batch=4, batch_wait_ms=10, max_pools_per_tenant=3)
 
 
-class Server:
-    """uvicorn on 127.0.0.1 (a free port) in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     store = MemoryStore(tmp_path_factory.mktemp("client") / "data", tiny_lm())
     keys = KeyStore(store.dir)
     key, other = keys.create("acme")[1], keys.create("globex")[1]
     app = create_app(store, keys, LIMITS)
-    with Server(app) as srv:
+    with LoopbackServer(app) as srv:
         yield srv.url, key, other, store
     app.state.batcher.close()
     store.close()

@@ -26,15 +26,13 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import LoopbackServer
 
 torch.set_num_threads(1)  # as the CLI processes below run: replays there must match writes here bit for bit
 
@@ -228,28 +226,6 @@ def test_shell_block_runs_on_the_default_model(block, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Blocks that talk to the service
 # ------------------------------------------------------------------------------------------------
-class Server:
-    """uvicorn on 127.0.0.1 (a free port) in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("doc", sorted({b.doc for b in SERVED}))
@@ -270,7 +246,7 @@ def test_service_blocks_run_against_a_live_server(doc, tmp_path, monkeypatch, ca
     env = _shell_env(tmp_path, KEY=key, K=f"Authorization: Bearer {key}")
     ran = 0
     try:
-        with Server(app) as srv:
+        with LoopbackServer(app) as srv:
             for block in (
                 b for b in SERVED if b.doc == doc
             ):  # in document order: later blocks use what earlier ones made

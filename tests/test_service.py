@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import CORPUS, tiny_lm
+from conftest import CORPUS, LoopbackServer, tiny_lm
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -211,30 +211,6 @@ def test_generations_for_different_users_are_batched(env):
     metrics = c.get("/metrics").text
     value = lambda name: float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name)))
     assert value("latentmem_generate_batched_rows_total") == 4 and value("latentmem_generate_batches_total") < 4
-
-
-class LoopbackServer:
-    """uvicorn on 127.0.0.1 (a free port) in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def test_concurrent_clients_on_loopback_lose_and_duplicate_nothing(tmp_path):
