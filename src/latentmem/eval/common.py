@@ -37,6 +37,21 @@ def get_lm(options: dict):
     return load(options.get("model"), design=options.get("design") or "memoryllm", **kw)
 
 
+def start_task(lm, threads: int | None, model_options: dict):
+    """What every task does first: the thread count, the clock (model loading included), the
+    model (``lm`` if given, else the one ``model_options`` name). Returns (lm, clock)."""
+    set_threads(threads)
+    clock = Timer()
+    return (lm if lm is not None else get_lm(model_options)), clock
+
+
+def as_list(value, cast=str) -> list:
+    """A list option given as a list or as a comma-separated string ("a,b" / "10,100")."""
+    if isinstance(value, str):
+        return [cast(x.strip()) for x in value.split(",") if x.strip()]
+    return [cast(x) for x in value]
+
+
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(int(n))

@@ -28,7 +28,7 @@ import sys
 import torch
 
 from . import metrics
-from .common import Timer, environment, generate, get_lm, finish, model_info, set_threads
+from .common import Timer, as_list, environment, finish, generate, model_info, start_task
 from .data import build_edits, load_facts
 
 ALL_METHODS = ("no_edit", "memoryllm", "memoryllm_sequence", "ike", "ft_l", "ft_l_sequence")
@@ -165,10 +165,8 @@ def run_editing(
     progress: bool = False,
     **model_options,
 ) -> dict:
-    set_threads(threads)
-    clock = Timer()
-    lm = lm if lm is not None else get_lm(model_options)
-    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    lm, clock = start_task(lm, threads, model_options)
+    methods = as_list(methods)
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown editing method(s) {bad}; choose from {', '.join(ALL_METHODS)}")

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from . import metrics
-from .common import Timer, environment, filler_pool, finish, get_lm, model_info, results_path, set_threads, write_json
+from .common import as_list, environment, filler_pool, finish, model_info, results_path, start_task, write_json
 from .data import eval_rows_only, load_qa, load_texts
 from .integrity import _Stop
 from .synthetic import FactGenerator
@@ -323,13 +323,10 @@ def run_facts(
     progress: bool = False,
     **model_options,
 ) -> dict:
-    set_threads(threads)
-    clock = Timer()
-    lm = lm if lm is not None else get_lm(model_options)
+    lm, clock = start_task(lm, threads, model_options)
     details = lm.info().details
-    if isinstance(checkpoints, str):
-        checkpoints = [int(x) for x in checkpoints.split(",") if x.strip()]
-    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    checkpoints = as_list(checkpoints, int)
+    methods = as_list(methods)
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown facts method(s) {bad}; choose from {', '.join(ALL_METHODS)}")

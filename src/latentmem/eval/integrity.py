@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from . import metrics
-from .common import Timer, environment, generate, get_lm, finish, model_info, set_threads, write_json
+from .common import environment, finish, generate, model_info, start_task, write_json
 from .data import load_qa, eval_rows_only
 from ..text import qa_prompt
 from .retention import default_max_answer_tokens
@@ -90,9 +90,7 @@ def run_integrity(
     **model_options,
 ) -> dict:
     """Inject until the pool has ``max_updates`` updates (in total, over all resumed runs)."""
-    set_threads(threads)
-    clock = Timer()
-    lm = lm if lm is not None else get_lm(model_options)
+    lm, clock = start_task(lm, threads, model_options)
     if max_answer_tokens == "auto":
         max_answer_tokens = default_max_answer_tokens(dataset)
     rows = [r for r in load_qa(dataset, shuffle=False, heldout_only=eval_rows_only(lm)) if not max_answer_tokens or len(lm.encode(" " + r["answer"])) <= max_answer_tokens]

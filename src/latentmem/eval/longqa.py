@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from . import metrics
-from .common import Timer, environment, format_prompt, generate, get_lm, finish, model_info, results_path, set_threads, write_json, atomic_write_bytes
+from .common import Timer, as_list, atomic_write_bytes, environment, finish, format_prompt, generate, get_lm, model_info, results_path, set_threads, start_task, write_json
 from .data import DataError, load_longbench, load_qa, read_jsonl
 
 ALL_METHODS = ("memoryllm", "truncated", "full", "bm25")
@@ -174,12 +174,9 @@ def run_longqa(
     progress: bool = False,
     **model_options,
 ) -> dict:
-    set_threads(threads)
-    clock = Timer()
-    lm = lm if lm is not None else get_lm(model_options)
-    if isinstance(lengths, str):
-        lengths = [int(x) for x in lengths.split(",")]
-    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    lm, clock = start_task(lm, threads, model_options)
+    lengths = as_list(lengths, int)
+    methods = as_list(methods)
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown long-context method(s) {bad}; choose from {', '.join(ALL_METHODS)}")

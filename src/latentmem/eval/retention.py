@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import metrics
-from .common import Timer, environment, filler_pool, generate, get_lm, finish, model_info, set_threads
+from .common import Timer, environment, filler_pool, finish, generate, model_info, start_task
 from .data import load_qa, load_texts, eval_rows_only
 from ..text import qa_prompt
 
@@ -68,9 +68,7 @@ def run_retention(
     progress: bool = False,
     **model_options,
 ) -> dict:
-    set_threads(threads)
-    clock = Timer()
-    lm = lm if lm is not None else get_lm(model_options)
+    lm, clock = start_task(lm, threads, model_options)
     details = lm.info().details
     # the paper's Eq. 5 needs MemoryLLM's pool of N tokens updated K at a time; other designs get no curve
     N, K = details.get("N"), details.get("K")
