@@ -8,6 +8,7 @@ PyTorch's SDPA. ``BackboneConfig`` holds the base model's fields; each design's 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: BackboneConfig) -> Tensor:
-    """Inverse RoPE frequencies, including the base model's own scaling (linear or llama3)."""
+    """Inverse RoPE frequencies, including the base model's own scaling (linear or llama3). Always
+    computed on the CPU, also inside a ``torch.device("meta")`` build (real values are needed,
+    and meta arithmetic would import torch._dynamo: ~1.7 s of a load)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     rs = cfg.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "linear":
@@ -49,6 +52,35 @@ def rope_inv_freq(cfg: BackboneConfig) -> Tensor:
     elif kind not in ("default", None):
         raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
     return inv_freq
+
+
+def build_empty(make: Callable[[], nn.Module], dtype: torch.dtype, device) -> nn.Module:
+    """``make()`` with no random init and every tensor's storage allocated once on ``device``,
+    floating ones in ``dtype``; contents undefined (a checkpoint load fills them). Tied weights stay
+    tied and the fp32 RoPE frequencies (``_inv_freq``, kept out of the buffers) are real values.
+
+    Built on the meta device, then materialised with ``torch.empty(shape)`` rather than
+    ``module.to(dtype).to_empty(device)``: meta tensors' ``.to`` / ``empty_like`` run Python
+    decompositions whose first call imports torch's symbolic-shapes stack (sympy), ~0.5-1 s of
+    every model load."""
+    with torch.device("meta"):
+        model = make()
+    made: dict[int, Tensor] = {}  # id of a meta tensor -> its replacement, so tied stays tied
+
+    def real(t: Tensor) -> Tensor:
+        if id(t) not in made:
+            empty = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+            made[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+        return made[id(t)]
+
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.is_meta:
+                    store[name] = real(t)
+    if getattr(model, "_inv_freq", None) is not None:
+        model._inv_freq = model._inv_freq.to(device)  # computed on the CPU (rope_inv_freq)
+    return model
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -120,7 +152,13 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if torch.empty(0).is_meta:
+            # Built on the meta device (a checkpoint load fills every weight afterwards): skip the
+            # random init, whose meta normal_ is a Python decomposition that imports
+            # torch._dynamo on first use, ~1.7 s of every model load.
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

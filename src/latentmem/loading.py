@@ -156,12 +156,38 @@ def load_tokenizer(path: Path, *, required: bool, own_config: bool = False) -> A
         if required:
             raise CheckpointError(f"{path}: no tokenizer files ({', '.join(names)})")
         return None
+    named = _named_tokenizer_class(path)
+    if named is not None:
+        return named.from_pretrained(str(path), local_files_only=True)
     from transformers import AutoTokenizer, PretrainedConfig
 
     # A MemoryLLM config.json means nothing to AutoConfig: give it a blank one, so the class named
     # in tokenizer_config.json decides (and transformers does not re-parse our config).
     kw = {"config": PretrainedConfig()} if own_config else {}
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kw)
+
+
+def _named_tokenizer_class(path: Path) -> Any:
+    """The transformers class that tokenizer_config.json names (its fast variant first, as
+    AutoTokenizer prefers), or None to let AutoTokenizer decide. Taking the class by name is what
+    AutoTokenizer does once it has read that field; going there directly skips AutoConfig, whose
+    model-config import costs ~1 s of every load."""
+    try:
+        name = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str) or not name.isidentifier() or not (path / "tokenizer.json").is_file():
+        return None
+    import transformers
+
+    for candidate in (name if name.endswith("Fast") else f"{name}Fast", name):
+        try:
+            cls = getattr(transformers, candidate)  # lazy: imports that tokenizer's module only
+        except (AttributeError, ImportError):
+            continue
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls
+    return None
 
 
 def parse_size(size: int | str) -> int:

@@ -2,16 +2,18 @@
 
 The 8B MemoryLLM release trains two LoRA adapters on one backbone (``add_decoder_lora``): one is
 active while a context is written into memory, the other while the model reads memory and
-predicts. ``AdapterRoles`` (mixed into a design's model) switches peft's LoRA layers by role and
+predicts. ``AdapterRoles`` (mixed into a design's model) switches LoRA layers (peft's while
+training, ``RoleLoRALinear`` once trained weights are loaded) by role and
 can fold the read adapter into the weights so reading runs no LoRA branch at all;
 ``attach_adapters`` builds such layers from saved factors, ``unmerge_read`` undoes the fold for
-saving. Kept out of the model files: it is plumbing around peft, not part of any paper's model.
+saving. Kept out of the model files: it is adapter plumbing, not part of any paper's model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -43,10 +45,10 @@ def adapter_role(role: str) -> Callable:
 
 
 class AdapterRoles:
-    """Mixin for an ``nn.Module`` whose LoRA layers (peft's, injected in place) serve roles."""
+    """Mixin for an ``nn.Module`` whose LoRA layers (injected in place) serve roles."""
 
     # {"write": adapter name, "read": adapter name} when the model carries separate LoRA
-    # adapters (peft layers, unmerged); None: one set of weights does both
+    # adapters (LoRA layers, unmerged); None: one set of weights does both
     adapter_roles: dict[str, str | None] | None = None
     # set by merge_read_adapter: what was folded into the weights, so a save can undo it
     merged_read: dict | None = None
@@ -58,7 +60,7 @@ class AdapterRoles:
         self.__dict__.pop("_lora_layers", None)
 
     def lora_layers(self) -> list[nn.Module]:
-        """The LoRA-wrapped linear layers (peft's, duck-typed), found once per set of roles."""
+        """The LoRA-wrapped linear layers (peft's or RoleLoRALinear, duck-typed), found once per set of roles."""
         layers = self.__dict__.get("_lora_layers")
         if layers is None:
             layers = [m for m in self.modules() if hasattr(m, "lora_A") and hasattr(m, "_active_adapter")]
@@ -68,7 +70,7 @@ class AdapterRoles:
     @contextlib.contextmanager
     def adapter_for(self, role: str):
         """Activate adapter_roles[role] on every LoRA layer for the duration of the block.
-        Duck-typed on peft's LoRA layers; their ``_active_adapter`` is set directly because
+        Duck-typed on LoRA layers; their ``_active_adapter`` is set directly because
         peft's ``set_adapter`` also flips ``requires_grad``, which would freeze the other
         adapter in the middle of a training step whose graph uses both."""
         if self.adapter_roles is None:
@@ -120,29 +122,97 @@ class AdapterRoles:
         self.set_adapter_roles(write, None)
 
 
+class RoleLoRALinear(nn.Module):
+    """A frozen linear layer with named LoRA adapters, the active ones added to its output:
+    ``y = W x + sum_a s_a B_a (A_a x)``, ``s_a = alpha_a / r_a`` (``/ sqrt(r_a)`` with rsLoRA).
+
+    The same state-dict names (``base_layer``, ``lora_A.<adapter>``, ``lora_B.<adapter>``),
+    attributes (``r``, ``lora_alpha``, ``scaling``, ``_active_adapter``, ``lora_dropout``) and
+    arithmetic, operation for operation, as peft's ``lora.Linear`` in inference, so a memory written
+    under either replays bit-exactly under the other (tests/test_lora.py compares them). Written here
+    rather than taken from peft because loading trained weights needs only this forward, and
+    importing peft costs 2-3 s of every model load (more than reading the weights); training still
+    injects peft's layers (``latentmem.train``)."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self._active_adapter: list[str] = []
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def get_base_layer(self) -> nn.Linear:
+        return self.base_layer
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    def add_adapter(self, name: str, r: int, alpha: float, *, use_rslora: bool = False) -> None:
+        base = self.base_layer.weight
+        kw = {"bias": False, "dtype": base.dtype, "device": base.device}
+        self.lora_A[name] = nn.Linear(self.base_layer.in_features, r, **kw).requires_grad_(False)
+        self.lora_B[name] = nn.Linear(r, self.base_layer.out_features, **kw).requires_grad_(False)
+        self.lora_dropout[name] = nn.Identity()
+        self.r[name], self.lora_alpha[name] = r, alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def delete_adapter(self, name: str) -> None:
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            del d[name]
+        self._active_adapter = [a for a in self._active_adapter if a != name]
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        if not self._active_adapter:
+            return result  # reading under a merged reader: no LoRA work at all
+        dtype = result.dtype
+        for name in self._active_adapter:
+            if name not in self.lora_A:
+                continue
+            a = self.lora_A[name]
+            result = result + self.lora_B[name](a(x.to(a.weight.dtype))) * self.scaling[name]
+        return result.to(dtype)
+
+
 def attach_adapters(model: nn.Module, loras: dict[str, dict[str, dict[str, Tensor]]], meta: dict, roles: dict, *, merge_read: bool) -> None:
-    """Separate write/read LoRA adapters as peft layers (frozen), switched by role; with
-    merge_read the reader is folded into the weights and only the writer stays a LoRA branch."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as e:  # the train extra
-        raise CheckpointError("weights with separate write/read adapters need peft: pip install 'latentmem[train]'") from e
-    targets = sorted({m.rsplit(".", 1)[-1] for m in next(iter(loras.values()))})
+    """Separate write/read LoRA adapters as ``RoleLoRALinear`` layers (frozen) on the modules the
+    factors name, switched by role; with merge_read the reader is folded into the weights and only
+    the writer stays a LoRA branch. Every factor is checked before the model is touched."""
+    r, alpha, rslora = int(meta["lora_r"]), float(meta["lora_alpha"]), bool(meta.get("use_rslora"))
+    modules = dict(model.named_modules())
     for adapter, per in loras.items():
         for module, ab in per.items():
             if set(ab) != {"A", "B"}:
                 raise CheckpointError(f"LoRA of {module!r} ({adapter}) has only lora_{''.join(ab)}; both A and B are needed")
-    config = LoraConfig(r=int(meta["lora_r"]), lora_alpha=float(meta["lora_alpha"]), use_rslora=bool(meta.get("use_rslora")), target_modules=targets)
-    with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        for adapter in (roles["write"], roles["read"]):
-            inject_adapter_in_model(config, model, adapter_name=adapter)
-    params = dict(model.named_parameters())
+            target = modules.get(module)
+            if not isinstance(target, (nn.Linear, RoleLoRALinear)):
+                raise CheckpointError(f"LoRA factors for {module!r}, which is not a linear layer of this model")
+            w = target.weight
+            if tuple(ab["A"].shape) != (r, w.shape[1]) or tuple(ab["B"].shape) != (w.shape[0], r):
+                raise CheckpointError(f"LoRA of {module!r} ({adapter}): A {tuple(ab['A'].shape)}, B {tuple(ab['B'].shape)}; rank {r} on a {tuple(w.shape)} weight needs A {(r, w.shape[1])}, B {(w.shape[0], r)}")
     with torch.no_grad():
+        for module in sorted({m for per in loras.values() for m in per}):
+            layer = modules[module]
+            if not isinstance(layer, RoleLoRALinear):
+                parent, _, child = module.rpartition(".")
+                layer = RoleLoRALinear(layer)
+                setattr(model.get_submodule(parent) if parent else model, child, layer)
+            for adapter in (roles["write"], roles["read"]):
+                layer.add_adapter(adapter, r, alpha, use_rslora=rslora)
         for adapter, per in loras.items():
             for module, ab in per.items():
-                for f in ("A", "B"):
-                    params[f"{module}.lora_{f}.{adapter}.weight"].copy_(ab[f])
+                layer = model.get_submodule(module)
+                layer.lora_A[adapter].weight.copy_(ab["A"])
+                layer.lora_B[adapter].weight.copy_(ab["B"])
     for p in model.parameters():
         p.requires_grad_(False)
     model.set_adapter_roles(roles["write"], roles["read"])

@@ -14,7 +14,7 @@ import torch
 
 from ..api import CheckpointError
 from ..loading import TensorSource, _convert_once, cache_root, check_folder, default_model_dir, load_tokenizer, read_config, weight_files
-from ..backbone import rope_inv_freq
+from ..backbone import build_empty
 from .config import LarimarConfig
 from .model import Larimar
 
@@ -83,13 +83,7 @@ def load_model(path=None, *, encoder: str = "minilm", dtype: torch.dtype = torch
     if overrides.get("write_mode") == "sequential" and "memory_slots" not in overrides:
         overrides["memory_slots"] = overrides["latent_size"] // 2  # sequential writing needs K < C
     cfg = LarimarConfig.from_dict(raw, encoder=encoder, **overrides)
-    with torch.device("meta"):
-        model = Larimar(cfg)
-    model.to(dtype)
-    model.to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model._inv_freq = rope_inv_freq(cfg).to(device)
+    model = build_empty(lambda: Larimar(cfg), dtype, device)
     with TensorSource(weight_files(folder)) as src:
         state = model.state_dict()
         wanted = [k for k in state if k.startswith("model.") or (k == "lm_head.weight" and not cfg.tie_word_embeddings)]

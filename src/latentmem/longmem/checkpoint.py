@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..api import CheckpointError
-from ..backbone import rope_inv_freq
+from ..backbone import build_empty, rope_inv_freq
 from ..loading import (
     SUPPORTED_MODEL_TYPES,
     TensorSource,
@@ -103,13 +103,7 @@ def apply_trained_weights(model: LongMem, path: str | os.PathLike) -> dict:
 
 def build(cfg: LongMemConfig, source: TensorSource, dtype, device, where) -> LongMem:
     """LongMem with the backbone from ``source`` and the SideNet copied from it."""
-    with torch.device("meta"):
-        model = LongMem(cfg)
-    model.to(dtype)
-    model.to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model._inv_freq = rope_inv_freq(cfg).to(device)
+    model = build_empty(lambda: LongMem(cfg), dtype, device)
     backbone = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith("sidenet.")}
     missing = [k for k in backbone if k not in source.keys and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing:

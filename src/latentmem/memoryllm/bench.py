@@ -14,7 +14,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def with_random_adapters(lm: MemoryLM, *, merge_read: bool, rank: int = 8, alpha: int = 16, seed: int = 0) -> MemoryLM:
     """``lm``'s model with separate random write/read LoRA adapters (rank ``rank`` on every linear
-    layer of each block, factors ~ N(0, 0.01^2)) attached in place as peft branches, switched by
+    layer of each block, factors ~ N(0, 0.01^2)) attached in place as LoRA branches, switched by
     role as the 8B release's ``add_decoder_lora``; with ``merge_read`` the reader is folded into
     the weights (what loading does by default). Returns a MemoryLM over the changed model;
     ``lm`` must not be used afterwards."""

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..api import CheckpointError
-from ..backbone import rope_inv_freq
+from ..backbone import build_empty, rope_inv_freq
 from ..files import write_folder
 from ..loading import SUPPORTED_MODEL_TYPES, TensorSource, check_folder, default_model_dir, load_tokenizer, parse_size, read_config, weight_files
 from ..lora import LORA_KEY, attach_adapters, unmerge_read
@@ -165,16 +165,8 @@ def _config(raw: dict[str, Any], overrides: dict[str, Any], path: Path, *, publi
 
 def _build_model(cfg: MemoryLLMConfig, source: TensorSource, dtype: torch.dtype, device, path: Path, *, optional: tuple[str, ...] = (), lora_scale: float | None = None, merge_lora: bool = True) -> MemoryLLM:
     """MemoryLLM with every tensor taken from `source`, except `optional` ones it lacks (fresh)."""
-    # Built on the meta device: random init of the base weights would be thrown away (and takes
-    # minutes at 7B); casting meta tensors to dtype is free, so storage is allocated once.
-    with torch.device("meta"):
-        model = MemoryLLM(cfg)
-    model.to(dtype)
-    model.to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty gave them separate storage
-    # MemoryLLM.__init__ ran on the meta device, so its fp32 RoPE frequencies are rebuilt here.
-    model._inv_freq = rope_inv_freq(cfg).to(device)
+    # No random init: it would be thrown away (and takes minutes at 7B); storage allocated once.
+    model = build_empty(lambda: MemoryLLM(cfg), dtype, device)
     loras = source.lora_factors() if source.loras and merge_lora else {}
     expected = model.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in source.keys and k not in optional and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
@@ -248,7 +240,7 @@ def load_memoryllm_checkpoint(
     """(model, tokenizer or None) from a MemoryLLM folder: config.json with model_type "memoryllm"
     and the memory fields, safetensors with ``memory``, ``bos_embedding``, ... beside the Llama
     weights. LoRA factors in PEFT naming are merged into the weights (W += B A * alpha / r).
-    Separate write/read adapters (add_decoder_lora) are attached with peft; ``merge_read``
+    Separate write/read adapters (add_decoder_lora) are attached as LoRA layers (``lora.RoleLoRALinear``); ``merge_read``
     (default) then folds the reader into the weights (``MemoryLLM.merge_read_adapter``)."""
     path = check_folder(path)
     raw = read_config(path)
@@ -306,7 +298,7 @@ def _lora_scale(lora_config: dict[str, Any] | None, source: TensorSource, path: 
 
 
 def _release_adapter_layout(model: MemoryLLM, tensors: dict[str, Tensor], config: dict) -> tuple[dict[str, Tensor], dict]:
-    """Separate write/read adapters as the 8B release stores them: the model's own (peft)
+    """Separate write/read adapters as the 8B release stores them: the model's own (LoRA-layer)
     state-dict names, ``<module>.base_layer.weight`` for the wrapped weights and
     ``<module>.lora_{A,B}.<adapter>.weight`` with "default" writing and "decoder_adapter"
     reading, plus add_decoder_lora and a lora_config its modeling file can build from
@@ -344,7 +336,7 @@ def _release_adapter_layout(model: MemoryLLM, tensors: dict[str, Tensor], config
 
 
 def _lora_dropout(layer, adapter: str) -> float:
-    """peft's dropout probability of `adapter` on a LoRA layer (0 when it has none)."""
+    """The dropout probability of `adapter` on a LoRA layer (0 when it has none)."""
     drops = getattr(layer, "lora_dropout", None)
     return float(getattr(drops[adapter], "p", 0.0)) if drops is not None and adapter in drops else 0.0
 
@@ -463,7 +455,7 @@ def apply_trained_weights(model: MemoryLLM, path: str | os.PathLike | None = Non
     copied, LoRA factors merged (W += B A * lora_alpha / lora_r, the scale from the file's
     metadata). An export with separate write/read adapters (``<module>.lora_A.<adapter>.weight``,
     ``adapter_write`` / ``adapter_read`` in the metadata) cannot be merged into one weight: its
-    adapters are attached unmerged with peft and the model switches between them
+    adapters are attached unmerged (``lora.RoleLoRALinear``) and the model switches between them
     (``MemoryLLM.adapter_roles``); ``merge_read`` (default) then folds the read adapter into the
     weights, so reading runs no LoRA branch (``MemoryLLM.merge_read_adapter``). Returns what was applied, or None when the default file is
     absent. Every check comes before the first write: a bad file changes nothing."""

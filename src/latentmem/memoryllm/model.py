@@ -46,7 +46,9 @@ class MemoryLLM(AdapterRoles, nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # Learned: a per-layer BOS state in front of the memory, and an embedding marking the
         # positions whose outputs become new memory (zero-initialised as in the releases).
-        self.bos_embedding = nn.Parameter(torch.randn(L, 1, d) * 0.02) if cfg.add_bos_embedding else None
+        # (no random draw on the meta device, where a checkpoint load fills it: see Backbone)
+        bos = torch.empty(L, 1, d) if torch.empty(0).is_meta else torch.randn(L, 1, d) * 0.02
+        self.bos_embedding = nn.Parameter(bos) if cfg.add_bos_embedding else None
         self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
         # No pool here: every pool is a MemoryState passed in explicitly (a published
         # checkpoint's own pool becomes one at load, see checkpoint.py).

@@ -180,6 +180,10 @@ def _add_lora(model: nn.Module, cfg: TrainConfig) -> None:
     """Freeze everything, then add the adapters (one, or a writer and a reader) trained alone."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    if getattr(model, "adapter_roles", None) is not None or getattr(model, "merged_read", None) is not None:
+        # attached write/read adapters (RoleLoRALinear) cannot take peft's layers on top, and a
+        # writer and a reader cannot be merged into one base weight
+        raise ConfigError("the starting weights carry separate write/read adapters (trained_start with such weights): start from them with init_from = \"default\" (or the file) instead")
     for p in model.parameters():
         p.requires_grad_(False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets))
