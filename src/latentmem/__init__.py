@@ -41,10 +41,31 @@ def load(path: Any = None, design: str = "memoryllm", **options: Any) -> MemoryM
     """A memory model of the given design over a local Hugging Face folder (Llama family) or a
     design's own checkpoint, or over the embedded SmolLM2-135M default when ``path`` is None.
     ``options`` are the design's (e.g. ``num_tokens``, ``num_blocks``, ``dtype``, ``device``,
-    ``trained`` for MemoryLLM; see the design's ``load``)."""
+    ``trained`` for MemoryLLM; see the design's ``load``).
+
+    ``quantize="int8"``: int8 weight-only linear layers with bf16 activations, a CPU path for
+    less memory and faster decoding (``latentmem.quantize``). The model is loaded in fp32 first
+    (scales from the fp32 weights; the model id stays the fp32 model's, so its memories load),
+    so ``dtype`` must be left out."""
     if design not in DESIGNS:
         raise ValueError(f"unknown design {design!r}; available: {', '.join(sorted(DESIGNS))}")
-    return importlib.import_module(DESIGNS[design]).load(path, **options)
+    quantize = options.pop("quantize", None)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize:
+        import torch
+
+        if options.setdefault("dtype", torch.float32) != torch.float32:
+            raise ValueError(f"quantize='int8' loads fp32 weights and computes in bfloat16; leave dtype out (got {options['dtype']})")
+        if str(options.get("device", "cpu")).split(":")[0] != "cpu":
+            raise ValueError("quantize='int8' is a CPU path; on a GPU load with dtype=torch.bfloat16 instead")
+    lm = importlib.import_module(DESIGNS[design]).load(path, **options)
+    if quantize:
+        from .quantize import quantize_int8
+
+        quantize_int8(lm.model)  # after the model id is taken: memories stay exchangeable
+        lm.name += " (int8 weights)"
+    return lm
 
 
 __all__ = [

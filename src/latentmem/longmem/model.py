@@ -158,11 +158,12 @@ class LongMem(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        # the compute dtype; read off a norm, which stays float when the linears are int8 (quantize.py)
+        return self.model.norm.weight.dtype
 
     @torch.no_grad()
     def init_sidenet_from_backbone(self) -> None:

@@ -58,11 +58,12 @@ class MemoryLLM(AdapterRoles, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        # the compute dtype; read off a norm, which stays float when the linears are int8 (quantize.py)
+        return self.model.norm.weight.dtype
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos/sin [B, T, hd] for integer positions [B, T], scaled by the config's position factor."""

@@ -1,0 +1,80 @@
+"""quantize="int8": int8 weight-only linear layers (latentmem.quantize) against a plain
+computation with the dequantised weights, and the models it gives (issue 21)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS, filled_memory, tiny_lm
+from torch import nn
+
+from latentmem.quantize import Int8WeightOnlyLinear, quantize_int8
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_matches_its_dequantised_weights(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=bias)
+    q = Int8WeightOnlyLinear(lin)
+    # by hand: per-row symmetric int8, scale = max|row| / 127
+    w = lin.weight.detach()
+    scale = w.abs().amax(1) / 127
+    ints = torch.round(w / scale[:, None]).clamp(-127, 127)
+    assert torch.equal(q.weight_int8, ints.to(torch.int8))
+    assert (q.dequantized().float() - w).abs().max() <= scale.max() * 0.51 + 1e-2  # half a step (bf16 scales)
+    x = torch.randn(3, 5, 64)
+    ref = x.bfloat16().float() @ q.dequantized().float().T + (lin.bias.detach().bfloat16().float() if bias else 0)
+    out = q(x)
+    assert out.shape == (3, 5, 48) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    with pytest.raises(TypeError, match="int8"):
+        q.weight
+
+
+def test_quantized_model_keeps_memory_and_close_logits():
+    lm = tiny_lm(seed=2)
+    mem = filled_memory(lm, texts=tuple(CORPUS[:2]))
+    ref = lm.backbone_logits(lm.encode(CORPUS[3])).detach().float()
+    ref_answer = lm.generate(mem, "The meeting", max_new_tokens=5)
+    model_id = lm.model_id
+    n = quantize_int8(lm.model)
+    cfg = lm.model.config
+    assert n == cfg.num_hidden_layers * 7 + 1  # q k v o gate up down per layer, and the head
+    assert lm.model.dtype == torch.bfloat16 and lm.model_id == model_id
+    assert lm.model.model.embed_tokens.weight.dtype == torch.bfloat16  # kept as a float table
+    out = lm.backbone_logits(lm.encode(CORPUS[3])).detach().float()
+    # int8 weights + bf16 activations stay close to fp32 on a random tiny model
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    mem16 = lm.new_memory()
+    lm.inject(mem16, CORPUS[0])  # writing works under int8, into a bf16 pool
+    assert mem16.memory.dtype == torch.bfloat16 and mem16.update_count >= 1
+    g = lm.generate(mem16, "The meeting", max_new_tokens=5)
+    assert len(g.token_ids) >= 1
+    del mem, ref_answer
+
+
+def test_load_options_are_checked():
+    import latentmem
+
+    with pytest.raises(ValueError, match="quantize must be"):
+        latentmem.load(quantize="int4")
+    with pytest.raises(ValueError, match="leave dtype out"):
+        latentmem.load(quantize="int8", dtype=torch.float16)
+    with pytest.raises(ValueError, match="CPU path"):
+        latentmem.load(quantize="int8", device="cuda")
+
+
+@pytest.mark.default_model
+def test_default_model_int8_answers_like_fp32():
+    import latentmem
+
+    fact = "The launch of the new rocket is planned for 14 March in Kourou, French Guiana."
+    answers, sizes = [], []
+    for options in ({}, {"quantize": "int8"}):
+        lm = latentmem.load(**options)
+        mem = lm.new_memory()
+        lm.inject(mem, fact)
+        answers.append(lm.generate(mem, "When is the launch?", max_new_tokens=8).text)
+        sizes.append(lm.info().details["weights_bytes"])
+    assert "14 March" in answers[0] and "14 March" in answers[1]
+    assert sizes[1] < 0.4 * sizes[0]
