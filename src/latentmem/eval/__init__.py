@@ -8,6 +8,7 @@
     run("longbench", data=["hotpotqa.jsonl"])                          # local LongBench files
     run("facts", items=100, checkpoints=[10, 100])                     # many facts in one memory; resumable
     run("longbench-score", predictions=["pred/hotpotqa.jsonl"])
+    run("compare", quick=True, designs="memoryllm,larimar")             # every design x task, side by side; resumable
 
 Every task takes ``lm=`` (any loaded ``latentmem.api.MemoryModel``: the tasks use that interface
 only) or ``model=`` (a folder; None = the embedded default) plus ``num_tokens`` / ``num_blocks``;
@@ -19,7 +20,7 @@ from __future__ import annotations
 from . import metrics
 from .data import DataError
 
-TASKS = ("retention", "integrity", "editing", "longqa", "longbench", "longbench-score", "facts")
+TASKS = ("retention", "integrity", "editing", "longqa", "longbench", "longbench-score", "facts", "compare")
 
 
 def run(task: str, **options) -> dict:
@@ -36,6 +37,8 @@ def run(task: str, **options) -> dict:
         from .longqa import run_longbench as f
     elif task == "facts":
         from .facts import run_facts as f
+    elif task == "compare":
+        from .compare import run_compare as f
     elif task in ("longbench-score", "longbench_score"):
         from .longqa import score_longbench
 

@@ -21,7 +21,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    ev = subparsers.add_parser("eval", help="paper evaluations: retention, integrity, editing, longqa, longbench; facts (many facts in one memory)")
+    ev = subparsers.add_parser("eval", help="paper evaluations: retention, integrity, editing, longqa, longbench; facts (many facts in one memory); compare (every design side by side)")
     sub = ev.add_subparsers(dest="eval_task", required=True)
 
     p = sub.add_parser("retention", help="knowledge retention curve vs the paper's Eq. 5 (section 4.5)")
@@ -111,6 +111,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false")
     p.add_argument("--max-seconds", type=float, default=None, help="stop this invocation after this long (what was measured is kept)")
 
+    p = sub.add_parser("compare", help="every design (and variant) and the baselines side by side on the same held-out rows: facts, editing, forgetting, perplexity, longqa, needle, icl, cost (issue 20); resumable")
+    p.add_argument("--model", default=None, help="local model folder every design is built on (default: the embedded default model)")
+    p.add_argument("--designs", default="memoryllm,longmem,larimar", help="designs (all their variants) or variant names: memoryllm, longmem, longmem-release, larimar, larimar-sequential")
+    p.add_argument("--variants", default="all", choices=["all", "default"], help="a design named in --designs runs all its variants, or its default only")
+    p.add_argument("--baselines", default="none,prompt,bm25,ft_l", help="none (no memory / no edit), prompt (text in the prompt; IKE for edits), bm25, ft_l (edits)")
+    p.add_argument("--tasks", default="facts,editing,forgetting,perplexity,longqa,needle,icl,cost")
+    p.add_argument("--quick", action="store_true", help="the small preset (sizes and samples for minutes on a CPU) instead of the full one")
+    p.add_argument("--sizes", action="append", default=None, metavar="TASK=N,N", help="sizes of one task, e.g. facts=10,100 or editing=1,10,100 (repeatable)")
+    p.add_argument("--samples", action="append", default=None, metavar="TASK=N", help="samples per cell of one task, e.g. needle=10 (repeatable)")
+    p.add_argument("--out", default=None, help="results folder (default results/eval/compare/full, or results/eval/compare/quick with --quick)")
+    p.add_argument("--workdir", default=None, help="the sub-runs' folder (default runs/eval/compare[_quick]_seed<seed>)")
+    p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop after the cell running at this time (what was measured is kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNGs")
+    p.add_argument("--quiet", dest="progress", action="store_false", help="no progress lines on stderr")
+
     p = sub.add_parser("longbench-score", help="LongBench QA F1 of prediction jsonl files (pred, answers[, length])")
     p.add_argument("predictions", nargs="+")
     p.add_argument("--out", default=None)
@@ -134,7 +152,7 @@ def cmd_eval(args) -> int:
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"memoryllm eval {task}: error: {e}", file=sys.stderr)
         return 2
-    summary = {k: res[k] for k in ("json_path", "png_path") if k in res}
+    summary = {k: res[k] for k in ("json_path", "png_path", "png_paths", "md_path", "complete") if k in res}
     if task == "longbench-score" or task == "longbench":
         summary["scores"] = res["scores"]
     print(json.dumps(summary, indent=1))

@@ -56,11 +56,11 @@ ALL_METHODS = ("memory", "none", "window", "bm25", "fresh")
 # ---- the stream ---------------------------------------------------------------------------------
 
 
-def _passages(lm, dataset: str, lo: int, hi: int, max_answer_tokens: int | None, seed: int) -> list[dict]:
+def _passages(lm, dataset: str, lo: int, hi: int, max_answer_tokens: int | None, seed: int, heldout_only: bool | None = None) -> list[dict]:
     """counterfactual_qa rows whose context is lo-hi tokens (held-out rows only for a trained
-    model), one row per distinct context, in a seeded order."""
+    model, or as ``heldout_only`` says), one row per distinct context, in a seeded order."""
     out, seen = [], set()
-    for r in load_qa(dataset, seed=seed, heldout_only=eval_rows_only(lm)):
+    for r in load_qa(dataset, seed=seed, heldout_only=eval_rows_only(lm) if heldout_only is None else heldout_only):
         ctx = r["context"].strip()
         if not ctx or ctx in seen:
             continue
@@ -74,16 +74,18 @@ def _passages(lm, dataset: str, lo: int, hi: int, max_answer_tokens: int | None,
     return out
 
 
-def build_stream(lm, *, items: int, seed: int = 0, passage_share: float = 0.5, dataset: str = "counterfactual_qa", passage_tokens: tuple[int, int] = (16, 512), max_answer_tokens: int | None = 4, filler: str = "news_articles", filler_rate: float = 0.5, filler_tokens: int = 128) -> list[dict]:
+def build_stream(lm, *, items: int, seed: int = 0, passage_share: float = 0.5, dataset: str = "counterfactual_qa", passage_tokens: tuple[int, int] = (16, 512), max_answer_tokens: int | None = 4, filler: str = "news_articles", filler_rate: float = 0.5, filler_tokens: int = 128, heldout_only: bool | None = None) -> list[dict]:
     """The stream: ``items`` question-bearing items (facts and passages, ``passage_share`` of
     them passages) with ``filler_rate`` fillers per item spread evenly between them (item k is
     followed by floor((k+1) r) - floor(k r) fillers). Deterministic for the seed and the model's
-    tokenizer. Each element: kind, text, and for items id, question, answers, item (1-based)."""
+    tokenizer. Each element: kind, text, and for items id, question, answers, item (1-based).
+    ``heldout_only``: passages from held-out rows only (None: only for a trained model), so
+    that several models can be given the same stream (``eval compare``)."""
     rng = random.Random(f"stream-{seed}")
     n_pass = round(items * passage_share)
     kinds = ["passage"] * n_pass + ["fact"] * (items - n_pass)
     rng.shuffle(kinds)
-    passages = _passages(lm, dataset, passage_tokens[0], passage_tokens[1], max_answer_tokens, seed) if n_pass else []
+    passages = _passages(lm, dataset, passage_tokens[0], passage_tokens[1], max_answer_tokens, seed, heldout_only) if n_pass else []
     if len(passages) < n_pass:
         raise ValueError(f"{dataset}: only {len(passages)} distinct passages of {passage_tokens[0]}-{passage_tokens[1]} tokens, {n_pass} needed")
     gen = FactGenerator(seed)
@@ -316,6 +318,7 @@ def run_facts(
     workdir: str | None = None,
     resume: bool = True,
     max_seconds: float | None = None,
+    heldout_only: bool | None = None,
     seed: int = 0,
     out=None,
     plot: bool = True,
@@ -335,7 +338,9 @@ def run_facts(
     use_memory = "memory" in methods
     probe = probe and use_memory
     ident = {"items": items, "checkpoints": checkpoints, "methods": methods, "passage_share": passage_share, "dataset": str(dataset), "passage_tokens": [min_passage_tokens, max_passage_tokens], "max_answer_tokens": max_answer_tokens, "filler": str(filler), "filler_rate": filler_rate, "filler_tokens": filler_tokens, "questions_per_checkpoint": questions_per_checkpoint, "probe": probe, "window_tokens": window_tokens, "bm25_tokens": bm25_tokens, "max_new_tokens": max_new_tokens, "seed": seed, "model_id": lm.model_id}
-    stream = build_stream(lm, items=items, seed=seed, passage_share=passage_share, dataset=dataset, passage_tokens=(min_passage_tokens, max_passage_tokens), max_answer_tokens=max_answer_tokens, filler=filler, filler_rate=filler_rate, filler_tokens=filler_tokens)
+    if heldout_only is not None:  # only when asked, so runs started before the option still resume
+        ident["heldout_only"] = bool(heldout_only)
+    stream = build_stream(lm, items=items, seed=seed, passage_share=passage_share, dataset=dataset, passage_tokens=(min_passage_tokens, max_passage_tokens), max_answer_tokens=max_answer_tokens, filler=filler, filler_rate=filler_rate, filler_tokens=filler_tokens, heldout_only=heldout_only)
     tag = f"{Path(str(dataset)).stem}_{items}"
     workdir = Path(workdir) if workdir else Path("runs") / "eval" / f"facts_{tag}_seed{seed}"
     workdir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from .common import Timer, as_list, atomic_write_bytes, environment, finish, for
 from .data import DataError, load_longbench, load_qa, read_jsonl
 
 ALL_METHODS = ("memoryllm", "truncated", "full", "bm25")
+KNOWN_METHODS = ALL_METHODS + ("none",)  # "none": the question without any passage (eval compare's no-memory baseline)
 INSTRUCTION = "Answer the question based on the given passages. Only give me the answer and do not output any other words."
 # LongBench's generation budgets for its QA datasets
 LONGBENCH_MAX_NEW = {"narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32, "2wikimqa": 32, "musique": 32, "dureader": 128}
@@ -131,13 +132,15 @@ def answer(lm, method: str, docs: list[str], questions: list[str], *, window: in
         t = Timer()
         if method == "full":
             ctx = doc
+        elif method == "none":
+            ctx = ""
         elif method == "truncated":
             overhead = len(lm.encode(longqa_prompt(lm, "", q, prompt)))
             ctx = truncate_middle(lm, doc, max(16, window - overhead - max_new_tokens))
         elif method == "bm25":
             ctx = bm25_select(lm, doc, q, bm25_tokens, bm25_chunk_tokens)
         else:
-            raise ValueError(f"unknown long-context method {method!r}; choose from {', '.join(ALL_METHODS)}")
+            raise ValueError(f"unknown long-context method {method!r}; choose from {', '.join(KNOWN_METHODS)}")
         pr = longqa_prompt(lm, ctx, q, prompt)
         pred = generate(lm, [None], [pr], max_new_tokens)[0]
         n = len(lm.encode(pr))
@@ -167,6 +170,7 @@ def run_longqa(
     max_new_tokens: int = 16,
     prompt: str = "auto",
     batch_size: int = 4,
+    heldout_only: bool = False,
     seed: int = 0,
     out=None,
     plot: bool = True,
@@ -177,11 +181,11 @@ def run_longqa(
     lm, clock = start_task(lm, threads, model_options)
     lengths = as_list(lengths, int)
     methods = as_list(methods)
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in KNOWN_METHODS]
     if bad:
-        raise ValueError(f"unknown long-context method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
+        raise ValueError(f"unknown long-context method(s) {bad}; choose from {', '.join(KNOWN_METHODS)}")
     window, chunk_tokens, bm25_tokens = _defaults(lm, window, chunk_tokens, bm25_tokens)
-    rows = load_qa(dataset, seed=seed)
+    rows = load_qa(dataset, seed=seed, heldout_only=heldout_only)  # heldout_only: eval compare asks every model the same held-out rows
     qs = rows[:questions]
     distractors = sorted({r["context"] for r in rows[questions : questions + 2000]})
     res: dict = {m: {} for m in methods}

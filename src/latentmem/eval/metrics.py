@@ -196,3 +196,19 @@ def sliding_mean(flags: Sequence[float], window: int) -> list[float]:
             total -= float(flags[i - window])
         out.append(total / min(i + 1, window))
     return out
+
+
+def harmonic_mean_ci(columns: Sequence[Sequence[float]], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The harmonic mean of the means of several per-example measures (the editing Score of
+    efficacy, generalization and specificity, one value per edit each), with a percentile
+    bootstrap 95% interval that resamples examples, all measures of an example together."""
+    cols = [[float(v) for v in c] for c in columns]
+    n = len(cols[0]) if cols else 0
+    if n == 0 or any(len(c) != n for c in cols):
+        raise ValueError("harmonic_mean_ci needs measures of the same, non-empty examples")
+
+    def stat(idx: Sequence[int]) -> float:
+        return harmonic_mean([sum(c[i] for i in idx) / len(idx) for c in cols])
+
+    lo, hi = _bootstrap(n, stat, n_boot, seed)
+    return {"mean": stat(range(n)), "n": n, "ci95": [lo, hi], "ci": "bootstrap over examples"}

@@ -244,3 +244,79 @@ def plot_facts(res: dict, path) -> Path:
         fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(handles)), fontsize=8, frameon=False)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# ---- eval compare: every method on one figure ------------------------------------------------------
+
+
+def _method_label(res: dict, m: str, task: str = "") -> str:
+    info = res.get("methods", {}).get(m, {})
+    if info.get("kind") == "design":
+        return f"{m} ({info.get('weights', '?')})"
+    if task == "editing":
+        return {"none": "no edit (baseline)", "prompt": "IKE, edit in the prompt (baseline)", "ft_l": "FT-L (baseline)"}.get(m, m)
+    return {"none": "no memory (baseline)", "prompt": "text in prompt (baseline)", "bm25": "BM25 into prompt (baseline)", "ft_l": "FT-L (baseline)"}.get(m, m)
+
+
+def _ordered(res: dict, task: str) -> list[str]:
+    have = {c["method"] for c in res["cells"].values() if c["task"] == task}
+    return [m for m in res.get("order", sorted(have)) if m in have] + sorted(have - set(res.get("order", [])))
+
+
+def plot_compare_facts(res: dict, path) -> Path:
+    """Recall against an item's age (tokens written after it), one panel per memory size, every
+    method on each panel, 95% Wilson intervals as bars (methods shifted a little along the age
+    axis so that equal figures stay visible)."""
+    from matplotlib.ticker import NullFormatter
+
+    sizes = sorted({c["size"] for c in res["cells"].values() if c["task"] == "facts"})
+    methods = _ordered(res, "facts")
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for i, m in enumerate(methods):
+            c = res["cells"].get(f"facts/{size}/{m}")
+            if not c or not c["result"].get("by_age_tokens"):
+                continue
+            bins = c["result"]["by_age_tokens"]
+            shift = 1.06 ** (i - (len(methods) - 1) / 2)
+            x = [(b["mean_age"] + 1) * shift for b in bins]  # +1: age 0 on a log axis
+            y = [b["mean"] for b in bins]
+            err = [[b["mean"] - b["ci95"][0] for b in bins], [b["ci95"][1] - b["mean"] for b in bins]]
+            design = res["methods"].get(m, {}).get("kind") == "design"
+            ax.errorbar(x, y, yerr=err, fmt="o-" if design else "s--", capsize=2, ms=4, lw=1.2, elinewidth=0.8, alpha=0.85, label=_method_label(res, m))
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("age of the item (tokens written after it, + 1)")
+        ax.set_ylabel("recall")
+        ax.set_title(f"after {size} items", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=7, bbox_to_anchor=(0.5, -0.02 - 0.035 * ((len(labels) + 2) // 3)))
+    fig.suptitle(f"Many facts in one memory: recall vs age, 95% intervals (eval compare, {res.get('preset')} preset, seed {res['ident']['seed']})", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_compare_editing(res: dict, path) -> Path:
+    """Editing Score (harmonic mean of efficacy, generalization, specificity) against the number
+    of sequential edits, probability and generation measures side by side."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind in zip(axes, ("probability", "generation")):
+        for m in _ordered(res, "editing"):
+            pts = sorted((c["size"], c["result"][kind]["score"]) for c in res["cells"].values() if c["task"] == "editing" and c["method"] == m)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if res["methods"].get(m, {}).get("kind") == "design" else "s--", ms=4, label=_method_label(res, m, "editing"))
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(sorted({c["size"] for c in res["cells"].values() if c["task"] == "editing"}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("sequential edits")
+        ax.set_ylabel(f"Score ({kind})")
+        ax.grid(alpha=0.3)
+    _legend(axes[1], loc="best")
+    fig.suptitle(f"Editing Score vs number of edits (eval compare, {res.get('preset')} preset, seed {res['ident']['seed']})", fontsize=10)
+    return _save(fig, path)

@@ -134,6 +134,186 @@ def facts(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- eval compare ---------------------------------------------------------------------------------
+
+TASK_TITLES = {
+    "facts": "Many facts in one memory: recall of every item written so far",
+    "editing": "Editing: sequential edits into one memory (Score = harmonic mean of efficacy, generalization, specificity; probability measure)",
+    "forgetting": "Forgetting: exactness (forgotten memory equals a replay without the injection) and cost",
+    "perplexity": "Long-document perplexity of a document's last tokens (lower is better)",
+    "longqa": "Long-context QA (LongBench F1)",
+    "needle": "Needle in a haystack (hit rate)",
+    "icl": "Memory-augmented in-context learning (accuracy)",
+    "cost": "Cost",
+}
+JOBS = {
+    "facts": "remember many short facts and answer about any of them",
+    "editing": "apply many sequential edits",
+    "forgetting": "forget one injection exactly, cheaply",
+    "perplexity": "model a long document (perplexity)",
+    "longqa": "answer questions about a long document",
+    "needle": "find one fact in a long haystack",
+    "icl": "learn a task from many examples",
+    "cost": "write text cheaply",
+}
+
+
+def _v(x: dict | None, pct: bool = True, digits: int = 1) -> str:
+    if not x:
+        return "-"
+    f = (lambda a: f"{100 * a:.{digits}f}") if pct else (lambda a: f"{a:.{max(digits, 2)}f}")
+    ci = x.get("ci95")
+    return f(x["mean"]) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "") + (f" (n={x['n']})" if "n" in x else "")
+
+
+def _command(r: dict, argv: str | None = None) -> str:
+    argv = (argv if argv is not None else r.get("env", {}).get("argv", "")).split(" ")
+    if argv and (argv[0].endswith("cli.py") or argv[0].endswith("memoryllm") or argv[0].endswith("latentmem")):
+        argv[0] = "memoryllm"
+    return " ".join(argv)
+
+
+def _methods_of(r: dict, task: str) -> list[str]:
+    have = {c["method"] for c in r["cells"].values() if c["task"] == task}
+    return [m for m in r.get("order", []) if m in have] + sorted(have - set(r.get("order", [])))
+
+
+def _label(r: dict, m: str, task: str) -> str:
+    info = r["methods"].get(m, {})
+    if info.get("kind") == "design":
+        return f"{m} ({info.get('weights')})"
+    if task == "editing":
+        return {"none": "no edit", "prompt": "IKE (edit in the prompt)", "ft_l": "FT-L"}.get(m, m)
+    return {"none": "no memory", "prompt": "text in the prompt (cut to the window)", "bm25": "BM25 chunks in the prompt"}.get(m, m)
+
+
+def _cell_text(task: str, res: dict) -> str:
+    if task == "facts":
+        return _v(res["recall"])
+    if task == "editing":
+        p = res["probability"]
+        ci = p.get("score_ci", {}).get("ci95")
+        return f"{100 * p['score']:.1f}{f' [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]' if ci else ''} (eff {100 * p['efficacy']['mean']:.0f}, gen {100 * p['generalization']['mean']:.0f}, spec {100 * p['specificity']['mean']:.0f})"
+    if task == "forgetting":
+        t = res["timing"]
+        return f"exact {_v(res['verified_exact'], digits=0)}; recall of the forgotten fact {100 * res['forgotten_recall']['before']['mean']:.0f} -> {100 * res['forgotten_recall']['after_forget']['mean']:.0f}% (replay {100 * res['forgotten_recall']['replay']['mean']:.0f}%); forget {1000 * t['forget_seconds']:.1f} ms, exact cost {1000 * t['cost_seconds']:.1f} ms"
+    if task == "perplexity":
+        return _v(res["perplexity"], pct=False)
+    if task == "longqa":
+        return f"F1 {_v(res['f1'])}"
+    if task == "needle":
+        return _v(res["hit"])
+    if task == "icl":
+        return f"{_v(res['accuracy'])} (chance {100 * res['chance']:.0f})"
+    if task == "cost":
+        t = res["timing"]
+        return f"write {1e3 * t['write_seconds_per_token']:.3f} ms/token; answer {t['answer_seconds']:.3f} s; {res['bytes_per_token']:.0f} B/token; peak RSS {t['peak_rss_mib']:.0f} MiB"
+    return "?"
+
+
+def _rank_key(task: str, result: dict, v: dict, higher: bool) -> tuple:
+    """Sort key, best first: the headline figure, then (forgetting) the cost of exactness."""
+    key = (-v["mean"] if higher else v["mean"],)
+    if task == "forgetting":
+        key += (result["timing"]["cost_seconds"],)
+    return key
+
+
+def which_design(r: dict) -> list[dict]:
+    """Per job (task), at its largest measured size: the best method by the headline figure
+    (forgetting: ties broken by the cost of exactness; cost: methods that remember something),
+    every method tied with it, the best design variant, and whether the best is ahead of the
+    runner-up beyond the 95% intervals (None where the figure has no interval)."""
+    from .compare import headline
+
+    rows = []
+    for task in r.get("tasks", []):
+        sizes = sorted({c["size"] for c in r["cells"].values() if c["task"] == task})
+        if not sizes:
+            continue
+        size = sizes[-1]
+        scored = []
+        for m in _methods_of(r, task):
+            c = r["cells"].get(f"{task}/{size}/{m}")
+            if c is None or (task == "cost" and m == "none"):  # "none" remembers nothing
+                continue
+            name, v, higher = headline(task, c["result"])
+            if v is not None and v["mean"] == v["mean"]:
+                scored.append((_rank_key(task, c["result"], v, higher), m, v, name, higher))
+        if not scored:
+            continue
+        scored.sort(key=lambda x: x[0])
+        best = scored[0]
+        tied = [s[1] for s in scored if s[0] == best[0]]
+        runner = next((s for s in scored if s[0] != best[0]), None)
+        designs = [s for s in scored if r["methods"].get(s[1], {}).get("kind") == "design"]
+        tied_designs = [s[1] for s in designs if s[0] == designs[0][0]] if designs else []
+        clear = None
+        if runner and best[2].get("ci95") and runner[2].get("ci95"):
+            clear = best[2]["ci95"][0] > runner[2]["ci95"][1] if best[4] else best[2]["ci95"][1] < runner[2]["ci95"][0]
+        if len(tied) > 1:
+            clear = False
+        rows.append({"task": task, "job": JOBS.get(task, task), "size": size, "metric": best[3], "best": best[1], "tied": tied, "best_value": best[2]["mean"],
+                     "best_design": designs[0][1] if designs else None, "tied_designs": tied_designs, "best_design_value": designs[0][2]["mean"] if designs else None, "clear": clear})
+    return rows
+
+
+def which_design_table(r: dict) -> str:
+    lines = ["| job | measured as | best | best design | ahead beyond the 95% intervals? |", "|---|---|---|---|---|"]
+    for w in which_design(r):
+        fmt = (lambda x: f"{x:.3g}") if w["task"] in ("perplexity", "cost") else (lambda x: f"{100 * x:.1f}%")
+        best = f"{w['best']} ({fmt(w['best_value'])})" if len(w["tied"]) == 1 else f"tie at {fmt(w['best_value'])}: {', '.join(w['tied'])}"
+        bd = "-" if not w["best_design"] else f"{w['best_design']} ({fmt(w['best_design_value'])})" if len(w["tied_designs"]) == 1 else f"tie: {', '.join(w['tied_designs'])}"
+        clear = "yes" if w["clear"] else ("no: within the intervals" if w["clear"] is False else "no interval")
+        lines.append(f"| {w['job']} | {w['metric']}, {w['size']} {r['size_means'][w['task']]} | {best} | {bd} | {clear} |")
+    return "\n".join(lines)
+
+
+UNITS = {
+    "perplexity": "Perplexity, with 95% bootstrap intervals over documents.",
+    "cost": "Wall-clock on the machine that ran it. Peak RSS is the process's peak so far (models loaded before included): an upper bound.",
+    "editing": "Score in % with its 95% bootstrap interval over edits, and its parts (probability measure: mean token log P(new) > P(old); specificity P(true) > P(new)).",
+    "forgetting": "Verified exact in % with its 95% interval; exact cost = the forget where it verified exact, else forget + replay of the other injections.",
+}
+
+
+def render_compare(r: dict, folder: str | Path | None = None, link_prefix: str = "") -> str:
+    """The results page of ``eval compare``: conditions, one table per task (rows: methods,
+    columns: sizes), the plots (linked as ``link_prefix`` + file name), and which method suits
+    which job."""
+    folder = Path(folder) if folder is not None else None
+    lines = [f"## Side by side ({r.get('preset')} preset{'' if r.get('complete') else ', INCOMPLETE: some cells not measured yet'})", "",
+             f"Command: `{_command(r)}`; date {r.get('date')}; seed {r['ident']['seed']}; {r.get('env', {}).get('threads')} torch thread(s); "
+             f"{len(r['cells'])} cells. Every method is asked the same held-out rows with the same prompts.", ""]
+    runs = [x for x in r.get("sessions", []) if x.get("argv")]
+    if len(runs) > 1:
+        lines += ["Measured in " + ", then ".join(f"`{_command(r, x['argv'])}` (cells {x['cells_before']} -> {x['cells_after']}, {x['seconds']:.0f} s)" for x in runs) + ".", ""]
+    lines += [
+             "| method | kind | weights | model |", "|---|---|---|---|"]
+    for m in r.get("order", []):
+        info = r["methods"].get(m)
+        if info:
+            mi = info.get("model", {})
+            lines.append(f"| {m} | {info['kind']} | {info.get('weights')} | {mi.get('name')} ({mi.get('design')}, {mi.get('parameters_M')}M parameters) |")
+    lines.append("")
+    samples = r["ident"]["samples"]
+    for task in r.get("tasks", []):
+        sizes = sorted({c["size"] for c in r["cells"].values() if c["task"] == task})
+        if not sizes:
+            continue
+        lines += [f"### {TASK_TITLES.get(task, task)}", "", f"Columns: {r['size_means'][task]}; samples per cell: {samples.get(task)} {r['samples_mean'][task]}. " + UNITS.get(task, "Figures in %, with 95% Wilson (rates) or bootstrap (F1) intervals."), ""]
+        lines += ["| method | " + " | ".join(str(s) for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for m in _methods_of(r, task):
+            cells = [r["cells"].get(f"{task}/{s}/{m}") for s in sizes]
+            lines.append(f"| {_label(r, m, task)} | " + " | ".join(_cell_text(task, c["result"]) if c else "-" for c in cells) + " |")
+        png = {"facts": "compare_facts.png", "editing": "compare_editing.png"}.get(task)
+        if png and folder is not None and (folder / png).exists():
+            lines += ["", f"![{task}]({link_prefix}{png})"]
+        lines.append("")
+    lines += ["### Which design for which job (from the tables above)", "", which_design_table(r), ""]
+    return "\n".join(lines) + "\n"
+
+
 RENDER = {"retention": retention, "editing": editing, "longqa": longqa, "integrity": integrity, "facts": facts}
 
 
@@ -141,6 +321,9 @@ def render(folder: str | Path) -> str:
     parts = []
     for f in sorted(Path(folder).glob("*.json")):
         r = json.loads(f.read_text())
+        if r.get("task") == "compare":  # plots linked from docs/, as the other tables' are
+            parts.append(render_compare(r, f.parent, Path(os.path.relpath(f.parent, "docs")).as_posix() + "/"))
+            continue
         fn = RENDER.get(r.get("task"))
         if fn:
             png = Path(os.path.relpath(f.with_suffix(".png"), "docs")).as_posix()
