@@ -17,6 +17,7 @@ Parts, each a table whose ratios compare figures measured in the same run:
 (b) precision, batch 1 at one N: fp32, bf16 weights, and int8 weight-only (``quantize="int8"``)
     — tokens/s, weights in bytes, and the answers' agreement with fp32.
 (c) where a step's time goes: torch.profiler over decode steps at one N, by operator.
+(d) the int8 path's effect on recall from memory, against fp32 on the same held-out rows.
 
 Results: results/benchmarks/decode.md (command, date, machine, commit).
 """
@@ -88,19 +89,27 @@ class HFReference:
 
         self.hf = LlamaForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).eval()
         self.tokenizer = tokenizer
+        self._prefix: tuple[int, torch.Tensor, list] | None = None
+
+    def _prefix_cache(self, n: int):
+        """(prefix ids [1, n + 1], per-layer (keys, values)) of n + 1 tokens of text, computed once per n."""
+        if self._prefix is None or self._prefix[0] != n:
+            ids = torch.tensor([corpus_tokens(self.tokenizer, n + 1 + PROMPT_TOKENS)[: n + 1]])
+            with torch.inference_mode():
+                cache = self.hf(ids, use_cache=True).past_key_values
+            self._prefix = (n, ids, [(layer.keys, layer.values) for layer in cache.layers])
+        return self._prefix[1], self._prefix[2]
 
     def tps(self, n: int, batch: int, prompt_ids: torch.Tensor, new_tokens: int) -> float:
         from transformers import DynamicCache
 
         ids = prompt_ids.repeat(batch, 1)
-        cache = None
+        cache = DynamicCache()
         if n:
-            prefix = torch.tensor([corpus_tokens(self.tokenizer, n + 1 + PROMPT_TOKENS)[: n + 1]]).repeat(batch, 1)
-            with torch.inference_mode():
-                cache = self.hf(prefix, use_cache=True).past_key_values
-            ids = torch.cat([prefix, ids], 1)
-        else:
-            cache = DynamicCache()
+            prefix, layers = self._prefix_cache(n)
+            for i, (k, v) in enumerate(layers):  # every row the same prefix (computed for one row)
+                cache.update(k.repeat(batch, 1, 1, 1), v.repeat(batch, 1, 1, 1), i)
+            ids = torch.cat([prefix.repeat(batch, 1), ids], 1)
         streamer = _StepTimes()
         with torch.inference_mode():
             self.hf.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=streamer, pad_token_id=0)
@@ -205,6 +214,26 @@ def part_c(args) -> None:
     table(f"(c) where the time goes: N={n}, batch 1, {args.new_tokens} tokens (profiled run: {tps:.1f} tok/s, the profiler's own cost included)", ["operator", "calls", "self ms", "share"], rows)
 
 
+def part_d(args) -> None:
+    """Recall from memory under each precision, on the same held-out rows: the retention task's
+    first step (each row's context written into a fresh pool, its question asked; no filler)."""
+    import tempfile
+
+    from latentmem.eval.retention import run_retention
+
+    rows = []
+    for label, options in (("fp32", {}), ("int8 weight-only, bf16 activations", {"quantize": "int8"})):
+        lm = latentmem.load(**options)
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_retention(lm, rows=args.recall_rows, steps=1, context_in_prompt=False, plot=False, out=tmp, seed=0)
+        hit = r["steps"][0]["hit"]
+        lp = r["steps"][0]["answer_logprob"]
+        rows.append([label, f"{100 * hit['mean']:.1f}% [{100 * hit['ci95'][0]:.1f}, {100 * hit['ci95'][1]:.1f}]", hit["n"], f"{lp['mean']:.3f}"])
+        lm = None
+        gc.collect()
+    table(f"(d) recall from memory under each precision: counterfactual_qa held-out rows, context written into a fresh pool (N=512, shipped weights), greedy 10 tokens; Wilson 95% intervals", ["weights", "answer in output", "rows", "mean answer log-prob"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="0,512,2048,8192", help="memory sizes N (0: no memory)")
@@ -212,7 +241,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--parts", default="abc")
+    ap.add_argument("--parts", default="abcd")
+    ap.add_argument("--recall-rows", type=int, default=100, help="held-out rows for part (d)")
     ap.add_argument("--precision-n", type=int, default=2048, help="N for parts (b) and (c)")
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 2 repeats")
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed (outside this project)")
@@ -236,6 +266,8 @@ def main() -> None:
             part_b(args, bandwidth)
         if "c" in args.parts:
             part_c(args)
+        if "d" in args.parts:
+            part_d(args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ cached in-process; a figure is the median of ``--repeat`` runs (cold: one run). 
 * ``latentmem.load()`` warm: the embedded default from the converted cache + the shipped memory
   weights, timed inside the process after ``import latentmem`` (the phases: time to the loaded
   model with the libraries above already imported, i.e. the load's own work);
+* ``memoryllm ask`` on an empty data directory: a user's first answer from the command line
+  (import, load, a new memory, 8 tokens);
 * ``latentmem.load()`` cold: the same with an empty cache directory (XDG_CACHE_HOME), which
   converts the GGUF weights first.
 
@@ -115,6 +117,12 @@ def measure(src: Path, threads: int, repeat: int, cold: bool) -> dict:
     rows["latentmem.load() warm: process total"] = statistics.median(r["seconds"] for r in runs)
     rows["latentmem.load() warm: the load() call"] = statistics.median(r["load"] for r in runs)
     rows["latentmem.load() warm: load() after importing transformers+peft"] = statistics.median(load_run({}, True)["load"] for _ in range(repeat))
+    with tempfile.TemporaryDirectory() as tmp:  # a whole CLI answer: import, load, create, first answer
+        ask = [py, "-m", "latentmem", "ask", "When is the launch?", "--data", str(Path(tmp) / "data"), "--max-new-tokens", "8", "--threads", str(threads)]
+        try:
+            rows["memoryllm ask, default model, new memory (wall)"] = median(lambda: wall(ask, env, timeout=300), repeat)
+        except RuntimeError:  # a tree whose ask cannot run on an empty data directory
+            rows["memoryllm ask, default model, new memory (wall)"] = None
     rows["latentmem.load() cold (fresh cache: conversion)"] = None
     if cold:
         with tempfile.TemporaryDirectory() as cache:

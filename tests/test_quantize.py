@@ -25,7 +25,7 @@ def test_layer_matches_its_dequantised_weights(bias):
     x = torch.randn(3, 5, 64)
     ref = x.bfloat16().float() @ q.dequantized().float().T + (lin.bias.detach().bfloat16().float() if bias else 0)
     out = q(x)
-    assert out.shape == (3, 5, 48) and out.dtype == torch.bfloat16
+    assert out.shape == (3, 5, 48) and out.dtype == x.dtype
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     with pytest.raises(TypeError, match="int8"):
         q.weight
@@ -40,14 +40,15 @@ def test_quantized_model_keeps_memory_and_close_logits():
     n = quantize_int8(lm.model)
     cfg = lm.model.config
     assert n == cfg.num_hidden_layers * 7 + 1  # q k v o gate up down per layer, and the head
-    assert lm.model.dtype == torch.bfloat16 and lm.model_id == model_id
-    assert lm.model.model.embed_tokens.weight.dtype == torch.bfloat16  # kept as a float table
+    assert lm.model.dtype == torch.float32 and lm.model_id == model_id
+    assert lm.model.model.embed_tokens.weight.dtype == torch.float32  # kept as a float table
     out = lm.backbone_logits(lm.encode(CORPUS[3])).detach().float()
     # int8 weights + bf16 activations stay close to fp32 on a random tiny model
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     mem16 = lm.new_memory()
-    lm.inject(mem16, CORPUS[0])  # writing works under int8, into a bf16 pool
-    assert mem16.memory.dtype == torch.bfloat16 and mem16.update_count >= 1
+    lm.inject(mem16, CORPUS[0])  # writing works under int8, into an fp32 pool like the fp32 model's
+    assert mem16.memory.dtype == torch.float32 and mem16.update_count >= 1
+    assert lm.generate(mem, "The meeting", max_new_tokens=3).token_ids  # a pool written under fp32 reads
     g = lm.generate(mem16, "The meeting", max_new_tokens=5)
     assert len(g.token_ids) >= 1
     del mem, ref_answer
@@ -77,4 +78,4 @@ def test_default_model_int8_answers_like_fp32():
         answers.append(lm.generate(mem, "When is the launch?", max_new_tokens=8).text)
         sizes.append(lm.info().details["weights_bytes"])
     assert "14 March" in answers[0] and "14 March" in answers[1]
-    assert sizes[1] < 0.4 * sizes[0]
+    assert sizes[1] < 0.5 * sizes[0]

@@ -43,10 +43,10 @@ def load(path: Any = None, design: str = "memoryllm", **options: Any) -> MemoryM
     ``options`` are the design's (e.g. ``num_tokens``, ``num_blocks``, ``dtype``, ``device``,
     ``trained`` for MemoryLLM; see the design's ``load``).
 
-    ``quantize="int8"``: int8 weight-only linear layers with bf16 activations, a CPU path for
-    less memory and faster decoding (``latentmem.quantize``). The model is loaded in fp32 first
-    (scales from the fp32 weights; the model id stays the fp32 model's, so its memories load),
-    so ``dtype`` must be left out."""
+    ``quantize="int8"``: int8 weight-only linear layers (bf16 activations into the kernel, all
+    else fp32), a CPU path for less memory (``latentmem.quantize``). The model is loaded in fp32
+    (scales from the fp32 weights; the model id and the memories' dtype stay the fp32 model's,
+    so its memories load), so ``dtype`` must be left out."""
     if design not in DESIGNS:
         raise ValueError(f"unknown design {design!r}; available: {', '.join(sorted(DESIGNS))}")
     quantize = options.pop("quantize", None)
@@ -56,7 +56,7 @@ def load(path: Any = None, design: str = "memoryllm", **options: Any) -> MemoryM
         import torch
 
         if options.setdefault("dtype", torch.float32) != torch.float32:
-            raise ValueError(f"quantize='int8' loads fp32 weights and computes in bfloat16; leave dtype out (got {options['dtype']})")
+            raise ValueError(f"quantize='int8' quantises the fp32 weights and computes the rest in fp32; leave dtype out (got {options['dtype']})")
         if str(options.get("device", "cpu")).split(":")[0] != "cpu":
             raise ValueError("quantize='int8' is a CPU path; on a GPU load with dtype=torch.bfloat16 instead")
     lm = importlib.import_module(DESIGNS[design]).load(path, **options)

@@ -4,16 +4,18 @@
 Each linear layer of the backbone (its decoder layers and the output head) keeps its weight as
 int8 with one scale per output row (symmetric, ``scale = max |W_row| / 127``) and runs through
 torch's own int8 weight-only kernel (``torch._weight_int8pack_mm``, the kernel torchao's int8
-weight-only layout uses on CPU) with bf16 activations: the kernel's fp32-activation path is many
-times slower on the CPUs measured (``benchmarks/bench_decode.py``, part b). Written here rather
+weight-only layout uses on CPU), fed bf16 activations (its fp32-activation path is many times
+slower on the CPUs measured) whose output is cast back to the model's dtype. Everything else —
+attention, norms, the memory — stays in the model's dtype (fp32): bf16 attention over thousands
+of memory slots is slower on a CPU than fp32 (``benchmarks/bench_decode.py``, part b). Written here rather
 than taken from torchao because torchao is a heavy optional dependency whose CPU path is this
 one kernel, and its builds lag torch's.
 
-What is not quantised: the token embedding (a lookup reads one row per token; it stays bf16 and
+What is not quantised: the token embedding (a lookup reads one row per token; it stays float and
 is no longer tied to the head), LoRA factors and the designs' own trained parts (small), and
 everything outside the backbone (LongMem's SideNet, Larimar's encoder and projection). Memories
-keep their model id: a pool written under fp32 reads under int8 and back (with the answers'
-precision), while a replay is exact only under the precision that wrote it (docs/design.md).
+keep their model id and dtype: a pool written under fp32 reads under int8 and back, while a
+replay is exact only under the weights that wrote it (docs/design.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Int8WeightOnlyLinear(nn.Module):
     """``y = x W^T + b`` with W stored as int8 rows times a per-row scale."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = COMPUTE_DTYPE):
+        # dtype: the activations the kernel is fed (scales and bias kept in it)
         super().__init__()
         w = linear.weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
@@ -49,7 +52,7 @@ class Int8WeightOnlyLinear(nn.Module):
         y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(self.scales.dtype), self.weight_int8, self.scales)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, {self.scales.dtype} activations"
@@ -57,8 +60,8 @@ class Int8WeightOnlyLinear(nn.Module):
 
 def quantize_int8(model: nn.Module) -> int:
     """Replace the backbone's linear layers (``model.layers.*`` and ``lm_head``) of ``model`` in
-    place, scales taken from the float weights as loaded (best: fp32), then cast everything else to
-    bf16. Returns how many layers were replaced. CPU only."""
+    place, scales taken from the float weights as loaded; everything else keeps its dtype. Returns
+    how many layers were replaced. CPU only."""
     norm = model.model.norm.weight
     if norm.device.type != "cpu":
         raise ValueError(f"quantize='int8' is a CPU path (torch's int8 weight-only kernel); on {norm.device.type} load with dtype=torch.bfloat16 instead")
@@ -67,5 +70,4 @@ def quantize_int8(model: nn.Module) -> int:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, Int8WeightOnlyLinear(getattr(owner, child)))
-    model.to(COMPUTE_DTYPE)  # int8 buffers are not floating point: .to leaves them as they are
     return len(targets)
