@@ -10,6 +10,7 @@ A row ends on EOS or a stop string (``finish_reason`` "stop"), at ``max_new_toke
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -43,9 +44,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # NaN passes a `< 0` test
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
@@ -89,7 +90,10 @@ def sample_next(logits: Tensor, p: SamplingParams, generator: torch.Generator | 
     """Next token per row from logits [B, V]: greedy, or temperature / top-k / top-p sampling."""
     if p.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / p.temperature
+    # the best logit is moved to 0 before dividing, in float64 (where 1e-300 is not 0): a tiny
+    # temperature then gives 0 and -inf (greedy in effect), never NaN probabilities (issue 17)
+    logits = logits.double()
+    logits = ((logits - logits.amax(-1, keepdim=True)) / p.temperature).float()
     if p.top_k:
         kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -98,6 +102,7 @@ def sample_next(logits: Tensor, p: SamplingParams, generator: torch.Generator | 
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (always keep the first)
         drop = probs.cumsum(-1) - probs >= p.top_p
+        drop[..., 0] = False  # a top_p below float32's resolution (1e-300 reads as 0) would drop all
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)

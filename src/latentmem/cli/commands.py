@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .memories import StoreMemories, check_free, memories_of
-from .options import DEFAULT_NAME, EXIT_MISMATCH, EXIT_OK, CLIError, chat_mode, default_data_dir, sampling
+from .options import DEFAULT_NAME, EXIT_MISMATCH, EXIT_OK, CLIError, chat_mode, check_length, check_sampling, default_data_dir, sampling
 
 DEMO_PASSAGE = (
     "Zorblat Industries was founded in 2031 by the engineer Mira Kovac in the town of Lindholm. "
@@ -33,8 +33,20 @@ def load_lm(args):
         kw["num_tokens"] = args.num_tokens
     if getattr(args, "num_blocks", None) is not None:
         kw["num_blocks"] = args.num_blocks
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise CLIError(f"--threads {args.threads}: must be >= 1")
     t0 = time.perf_counter()
-    lm = load(args.model, design=args.design, **kw)
+    try:
+        lm = load(args.model, design=args.design, **kw)
+    except Exception as e:
+        from safetensors import SafetensorError
+
+        if isinstance(e, (ValueError, OSError, NotImplementedError)):  # one-line errors already (CheckpointError is a ValueError)
+            raise
+        if isinstance(e, (SafetensorError, EOFError)):  # a truncated weights file (other errors are bugs: their traceback)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CLIError(f"cannot load the model {args.model or '(embedded)'}: {first} (a truncated or damaged file?)") from None
+        raise
     return lm, time.perf_counter() - t0
 
 
@@ -71,9 +83,11 @@ def cmd_inject(args) -> int:
 
 
 def cmd_ask(args) -> int:
+    check_sampling(args)
     target = memories_of(args)
     target.precheck(must_exist=False)
     lm, _ = load_lm(args)
+    check_length(args, lm)
     with target.open(lm):
         mem = target.memory()
     if is_empty(lm, mem):
@@ -98,15 +112,19 @@ def cmd_ask(args) -> int:
 def cmd_chat(args) -> int:
     from .repl import Repl
 
+    check_sampling(args)
     target = memories_of(args)
     target.precheck(must_exist=False)
     lm, _ = load_lm(args)
+    check_length(args, lm)
     with target.open(lm):
         return Repl(lm, target, args).run()
 
 
 def cmd_demo(args) -> int:
+    check_sampling(args)
     lm, load_s = load_lm(args)
+    check_length(args, lm)
     mem = lm.new_memory(seed=0)
     # the default prompt asks the question as the shipped weights were trained ("Question: ...
     # Answer:", one line); --chat asks in the chat template, --raw the bare question

@@ -29,6 +29,7 @@ DEFAULT_NAME = "default"
 
 # SamplingParams' defaults, written out so that --help needs no torch import
 # (tests/test_cli.py checks they equal latentmem.generate.SamplingParams()).
+MAX_NEW_TOKENS = 1 << 20  # no context window is longer; the model's own is checked after loading (check_length)
 SAMPLING_DEFAULTS = dict(max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=None, repeat_ngram=4, repeat_limit=3)
 
 
@@ -121,6 +122,35 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeat-limit", type=int, default=d["repeat_limit"], help="stop a degenerate loop when the answer's newest --repeat-ngram tokens have occurred this often; 0 = off")
     g.add_argument("--repeat-ngram", type=int, default=d["repeat_ngram"], help="n-gram length the loop guard watches")
     add_prompt_args(p)
+
+
+def check_sampling(args) -> None:
+    """Bad sampling arguments fail in one line before the model loads (issue 17: a NaN
+    temperature or 10**12 new tokens gave tracebacks). The context-window bound on
+    --max-new-tokens needs the model: ``check_length``."""
+    import math
+
+    for flag, value, ok, want in (
+        ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0, "a finite number >= 0 (0: greedy)"),
+        ("--top-p", args.top_p, math.isfinite(args.top_p) and 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0: off)"),
+        ("--max-new-tokens", args.max_new_tokens, 1 <= args.max_new_tokens <= MAX_NEW_TOKENS, f"in [1, {MAX_NEW_TOKENS}]"),
+        ("--repeat-ngram", args.repeat_ngram, args.repeat_ngram >= 1, ">= 1"),
+        ("--repeat-limit", args.repeat_limit, args.repeat_limit == 0 or args.repeat_limit >= 2, "0 (off) or >= 2"),
+    ):
+        if not ok:
+            raise CLIError(f"{flag} {value}: must be {want}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise CLIError(f"--seed {args.seed}: must be in [0, 2**63)")
+    if any(not s for s in args.stop):
+        raise CLIError("--stop: stop strings must be non-empty")
+
+
+def check_length(args, lm) -> None:
+    """--max-new-tokens within the model's context window (a decode cache that size is allocated)."""
+    window = lm.info().details.get("context_window")
+    if window and args.max_new_tokens > window:
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens}: over the model's context window of {window} tokens")
 
 
 def sampling(args) -> dict:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
@@ -59,8 +60,8 @@ from .schemas import (
     bounded_bodies,
     errors,
 )
-from .service import BodyLimit, GenerateBatcher, JSONBodies, KeyStore, Metrics, ServiceSettings, error_body, openai_path
-from .store import STAGING, AlreadyExists, InvalidName, MemoryStore, NotFound, NotReplayable, StoreError, check_name
+from .service import BodyLimit, GenerateBatcher, JSONBodies, KeyStore, Metrics, ServiceSettings, error_body, openai_path, prompt_token_limit
+from .store import AlreadyExists, ImportRefused, InvalidName, MemoryStore, NotFound, NotReplayable, QuotaExceeded, StoreError, check_name
 
 DEFAULT_MAX_NEW_TOKENS = GenerateRequest.model_fields["max_new_tokens"].default
 
@@ -84,6 +85,7 @@ class Service:
 
     def __post_init__(self):
         s = self.settings
+        self.max_prompt_tokens = s.max_prompt_tokens or prompt_token_limit(self.store.lm, s.request_memory_bytes)
         self.batcher = GenerateBatcher(self.store.lm, s.max_batch, s.batch_wait_ms / 1000, on_batch=self._count_batch)
 
     def _count_batch(self, rows: int) -> None:
@@ -97,8 +99,30 @@ class Service:
             raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
         return t
 
+    def prompt_tokens(self, prompt, sampling: dict) -> int:
+        """The prompt's tokens as the model reads it; 413 when it and max_new_tokens together pass
+        ``max_prompt_tokens`` (checked before any model work: cost grows with tokens squared)."""
+        lm = self.store.lm
+        n = len(lm.encode(lm.chat_prompt(prompt, sampling.get("chat"))))
+        new = sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        if n + new > self.max_prompt_tokens:
+            raise HTTPException(413, f"prompt too long: {n} tokens plus max_new_tokens {new} is over this server's limit of "
+                                     f"{self.max_prompt_tokens} tokens; shorten the prompt or ask for fewer new tokens")
+        return n
+
+    def inject_tokens(self, texts: list[str]) -> None:
+        """413 when the texts of one inject request hold more than ``max_inject_tokens`` tokens
+        (the pool's lock is held for the whole write)."""
+        limit, n = self.settings.max_inject_tokens, 0
+        for t in texts:
+            n += len(self.store.lm.encode(t))
+            if n > limit:
+                raise HTTPException(413, f"injection too long: more than {limit} tokens in one request (this server's limit); "
+                                         "split the text over several requests")
+
     async def generate(self, memory, prompt, sampling: dict):
         """One answer through the micro-batcher (batched with other users' requests)."""
+        await asyncio.to_thread(self.prompt_tokens, prompt, sampling)
         try:
             g = await asyncio.wrap_future(self.batcher.submit(memory, prompt, **sampling))
         except ValueError as e:
@@ -109,6 +133,7 @@ class Service:
     async def start_stream(self, memory, prompt, sampling: dict) -> Iterator[str | StreamDone]:
         """``stream``, its first item computed before any header is sent: invalid parameters and
         a failing prefill answer an HTTP error (a ValueError: 422), not an in-band event."""
+        await asyncio.to_thread(self.prompt_tokens, prompt, sampling)
         it = self.stream(memory, prompt, sampling)
         first = await asyncio.to_thread(next, it)
         return itertools.chain([first], it)
@@ -194,9 +219,7 @@ def memory_routes(svc: Service, inject_body: type, generate_body: type) -> APIRo
     @r.post("", status_code=201, response_model=MemoryFacts, responses=errors(401, 403, 409, 413, 422))
     def create_memory(req: CreateMemory, t: str = Depends(tenant)):
         """A new empty memory."""
-        if len(store.names(tenant=t)) >= limit:
-            raise HTTPException(403, f"quota: at most {limit} memories per tenant; delete one first")
-        return _public(store.create(req.name, seed=req.seed, tenant=t))
+        return _public(store.create(req.name, seed=req.seed, tenant=t, max_pools=limit))  # quota checked in the creating transaction
 
     @r.get("", response_model=MemoryList, responses=errors(401))
     def list_memories(t: str = Depends(tenant)):
@@ -218,6 +241,7 @@ def memory_routes(svc: Service, inject_body: type, generate_body: type) -> APIRo
     def inject(req: inject_body, name: str = Depends(pool_name), t: str = Depends(tenant)):
         """Write one text or several (committed together, in order) into the memory."""
         texts = req.texts if req.texts is not None else [req.text]
+        svc.inject_tokens(texts)
         entries = store.inject(name, texts, source=req.source, store_text=req.store_text, allow_short=req.allow_short, tenant=t)
         svc.metrics.inc("latentmem_injections_total", len(entries))
         return {"injections": [e.to_dict(include_text=False) for e in entries]}
@@ -299,8 +323,7 @@ def transfer_routes(svc: Service) -> APIRouter:
 
     def temp_zip() -> str:
         """A temp file in the staging area (emptied by recovery after a crash)."""
-        (store.dir / STAGING).mkdir(exist_ok=True)
-        fd, path = tempfile.mkstemp(suffix=".zip", dir=store.dir / STAGING)
+        fd, path = tempfile.mkstemp(suffix=".zip", dir=store.staging())
         os.close(fd)
         return path
 
@@ -319,15 +342,18 @@ def transfer_routes(svc: Service) -> APIRouter:
     @r.put("/import", status_code=201, response_model=MemoryFacts, responses=errors(400, 401, 409, 413, 422),
            openapi_extra={"requestBody": {"required": True, "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
     async def import_(request: Request, name: str = Depends(pool_name), t: str = Depends(tenant)):
-        """A new memory from a file made by export (body: the zip file)."""
+        """A new memory from a file made by export on this server (body: the zip file; its signature
+        and model are checked, its members decompressed only up to the server's limit)."""
         path = temp_zip()
         try:
-            body = await request.body()  # already read whole by BodyLimit (bounded by the import limit)
-            await asyncio.to_thread(Path(path).write_bytes, body)
-            info = await asyncio.to_thread(store.import_file, path, name, tenant=t)
+            with open(path, "wb") as f:  # streamed to disk after the key was checked, never held in memory
+                async for block in request.stream():  # BodyLimit bounds its size and the time it takes
+                    await asyncio.to_thread(f.write, block)
+            info = await asyncio.to_thread(store.import_file, path, name, tenant=t, require_signature=True,
+                                           max_unpacked_bytes=svc.settings.max_import_unpacked_bytes, max_pools=svc.settings.max_pools_per_tenant)
         except (StoreError, MemoryFormatError) as e:  # the message names the temp file: not for clients
             status = 400 if isinstance(e, MemoryFormatError) else status_of(e)
-            raise HTTPException(status, str(e).replace(path, "the uploaded file")) from None
+            raise HTTPException(status, str(e).replace(path, "the uploaded file").replace(Path(path).name, "the uploaded file")) from None
         finally:
             os.unlink(path)
         return _public(info)
@@ -435,8 +461,8 @@ def reference_html(doc: dict) -> str:
 # status of the first class in its MRO listed here (as Starlette looks handlers up), so
 # InvalidName is 422 although it is also a StoreError.
 ERROR_STATUS: dict[type[Exception], int] = {
-    InvalidName: 422, NotFound: 404, AlreadyExists: 409, NotReplayable: 409, InjectionError: 422,
-    StoreError: 400, MemoryFormatError: 500, ValueError: 422,
+    InvalidName: 422, NotFound: 404, AlreadyExists: 409, NotReplayable: 409, InjectionError: 422, QuotaExceeded: 403,
+    ImportRefused: 400, StoreError: 400, MemoryFormatError: 500, ValueError: 422,
 }
 
 
@@ -473,16 +499,25 @@ async def validation_error(request: Request, e: RequestValidationError):
         param = ".".join(str(p) for p in first["loc"][1:]) or None
         msg = first["msg"].removeprefix("Value error, ")
         return _answer(request, 400, f"{param + ': ' if param else ''}{msg}", param=param)
-    return await request_validation_exception_handler(request, e)
+    try:
+        return await request_validation_exception_handler(request, e)
+    except UnicodeEncodeError:  # an echoed input holds a lone surrogate, which JSON cannot carry as UTF-8
+        safe = [{k: v for k, v in i.items() if k not in ("input", "ctx")} for i in issues]
+        return JSONResponse({"detail": jsonable_encoder(safe)}, status_code=422)
+
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 async def count_requests(request: Request, call_next):
     t0 = time.perf_counter()
     response = await call_next(request)
     path = getattr(request.scope.get("route"), "path", "unmatched")
+    # labels from bounded sets only: a client chooses the method and the path (issue 17)
+    method = request.method if request.method in HTTP_METHODS else "other"
     metrics = request.app.state.metrics
-    metrics.inc("latentmem_requests_total", method=request.method, route=path, status=response.status_code)
-    metrics.inc("latentmem_request_seconds_total", time.perf_counter() - t0, method=request.method, route=path)
+    metrics.inc("latentmem_requests_total", method=method, route=path, status=response.status_code)
+    metrics.inc("latentmem_request_seconds_total", time.perf_counter() - t0, method=method, route=path)
     return response
 
 
@@ -506,7 +541,7 @@ def build_app(store: MemoryStore, keys: KeyStore, settings: ServiceSettings, *, 
     svc = Service(store, keys, settings)
     app = FastAPI(title="memoryllm", version=__version__, lifespan=lifespan, description=DESCRIPTION, docs_url=None, redoc_url=None)
     app.state.store, app.state.keys, app.state.batcher, app.state.metrics, app.state.service = store, keys, svc.batcher, svc.metrics, svc
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, import_max_bytes=settings.max_import_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, import_max_bytes=settings.max_import_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(JSONBodies)
     for exc in ERROR_STATUS:
         app.add_exception_handler(exc, error_response)

@@ -34,7 +34,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .schemas import StreamDone
+from .schemas import StreamDone, Text
 from .store import check_name
 
 
@@ -45,14 +45,14 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"] = Field(description="only text parts")
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -76,7 +76,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens (wins when both are sent)")
     temperature: float | None = Field(None, ge=0, le=2, description="default 0: greedy")
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = Field(None, description="up to 16 stop strings")
+    stop: Text | list[Text] | None = Field(None, description="up to 16 stop strings")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -7,7 +7,7 @@ drift from what is sent). The OpenAI-compatible bodies live in ``openai_compat.p
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
 from .store import FORGET_MODES, NAME_RE
 
@@ -20,6 +20,19 @@ FinishReason = Literal["stop", "length", "repetition"]
 # ---------------------------------------------------------------------------------------------
 # Requests
 # ---------------------------------------------------------------------------------------------
+def utf8_text(s: str) -> str:
+    """A JSON string may hold a lone surrogate ("\\ud800"), which no tokenizer encodes: refused
+    here (422 naming where it is) instead of failing inside the model (issue 17)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode: a lone surrogate {s[e.start]!r} at character {e.start}; send UTF-8 text") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(utf8_text)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,9 +43,9 @@ class CreateMemory(Strict):
 
 
 class InjectRequest(Strict):
-    text: str | None = Field(None, min_length=1, description="one text (or use texts)")
-    texts: list[str] | None = Field(None, min_length=1, description="several texts, injected in order, committed together")
-    source: str = Field("", max_length=256, description="free label kept in the ledger (e.g. 'chat', 'crm')")
+    text: Text | None = Field(None, min_length=1, description="one text (or use texts)")
+    texts: list[Text] | None = Field(None, min_length=1, description="several texts, injected in order, committed together")
+    source: Text = Field("", max_length=256, description="free label kept in the ledger (e.g. 'chat', 'crm')")
     store_text: bool = Field(True, description="false: the ledger keeps only hash and token count (no replay across it)")
     allow_short: bool = Field(False, description="accept a text under the design's minimum token count")
 
@@ -46,13 +59,13 @@ class InjectRequest(Strict):
 
 
 class GenerateRequest(Strict):
-    prompt: str = Field(min_length=1, max_length=100_000)
+    prompt: Text = Field(min_length=1, max_length=100_000, description="at most the server's max_prompt_tokens tokens, max_new_tokens included (413)")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0, le=10, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, le=100_000, description="0: off")
     seed: int | None = Field(None, ge=0, lt=2**63, description="seeds sampling (never batched with other requests)")
-    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+    stop: list[Annotated[str, Field(min_length=1, max_length=256), AfterValidator(utf8_text)]] | None = Field(
         None, max_length=16, description="stop strings, cut off the answer (omitted: the model's default)")
     chat: bool | None = Field(None, description="true: the tokenizer's chat template; false: the plain prompt (omitted: the model's default)")
     repeat_ngram: int | None = Field(None, ge=1, le=256, description="loop guard: n-gram length watched (omitted: the model's default)")
@@ -85,7 +98,7 @@ def bounded_bodies(max_texts: int, max_new_tokens: int) -> tuple[type[InjectRequ
     ``max_new_tokens`` (subclasses made per app: apps keep their own bounds)."""
     texts = Field(None, min_length=1, max_length=max_texts, description=InjectRequest.model_fields["texts"].description)
     return (
-        create_model("InjectRequest", __base__=InjectRequest, texts=(list[str] | None, texts)),
+        create_model("InjectRequest", __base__=InjectRequest, texts=(list[Text] | None, texts)),
         create_model("GenerateRequest", __base__=GenerateRequest, max_new_tokens=(int, Field(64, ge=1, le=max_new_tokens))),
     )
 
@@ -235,7 +248,7 @@ ERROR_TEXT = {
     403: "the tenant's quota of memories is used up",
     404: "no such memory, snapshot or injection for this tenant",
     409: "exists already, or exact forget is impossible",
-    413: "request body over the server's limit",
+    413: "request body over the server's limit, or a prompt or injection over its token limit",
     422: "invalid body, parameter or name; body that is not JSON; text too short for a self-update",
 }
 

@@ -20,11 +20,13 @@ Python client for it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import queue
+import re
 import secrets
 import signal
 import socket
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .store import MemoryStore, NotFound, StoreBusy, StoreError, check_name
+from .store import MemoryStore, NotFound, StoreBusy, StoreError, check_name, private_dir, private_files
 
 if TYPE_CHECKING:
     from ..api import Memory, MemoryModel
@@ -54,7 +56,7 @@ class KeyStore:
     the presented key, so the database never holds anything that authenticates."""
 
     def __init__(self, data_dir: str | os.PathLike):
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        private_dir(Path(data_dir))
         self._db = sqlite3.connect(Path(data_dir) / "keys.db", check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -63,6 +65,7 @@ class KeyStore:
             "label TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL)"
         )
         self._db.commit()
+        private_files(Path(data_dir), "keys.db")  # hashes only, but tenants and labels: the owner's
         self._lock = threading.Lock()
 
     def create(self, tenant: str, label: str = "") -> tuple[str, str]:
@@ -243,21 +246,38 @@ class JSONBodies:
         await self.app(scope, receive, send)
 
 
+IMPORT_ROUTE = re.compile(r"/v1/memories/[^/]+/import")
+
+
 class BodyLimit:
-    def __init__(self, app, max_bytes: int, import_max_bytes: int):
-        self.app, self.max_bytes, self.import_max_bytes = app, max_bytes, import_max_bytes
+    """Bodies bounded in size and in the time they take to arrive (issue 17).
+
+    A JSON body (at most ``max_bytes``) is read here, a declared Content-Length over the limit
+    refused before reading; a body that stops arriving answers 408 after ``timeout_s`` between
+    two pieces. Only ``PUT /v1/memories/{name}/import`` may be larger (``import_max_bytes``),
+    and its body is not read here: the route streams it to disk after checking the key, while
+    this counts it and times it out as it passes."""
+
+    def __init__(self, app, max_bytes: int, import_max_bytes: int, timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.import_max_bytes, self.timeout_s = app, max_bytes, import_max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.import_max_bytes if scope["path"].endswith("/import") else self.max_bytes
+        is_import = scope["method"] == "PUT" and IMPORT_ROUTE.fullmatch(scope["path"]) is not None
+        limit = self.import_max_bytes if is_import else self.max_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _too_large(send, scope["path"], int(declared), limit)
+        if is_import:
+            return await self.app(scope, self._counted(receive, scope["path"], limit), send)
         messages, size = [], 0
         while True:  # read the body (also a chunked one) up to the limit
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                return await _answer_error(send, scope["path"], 408, f"request body not received within {self.timeout_s:g} s; send the whole body at once")
             if msg["type"] != "http.request":
                 messages.append(msg)
                 break
@@ -272,6 +292,30 @@ class BodyLimit:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+    def _counted(self, receive, path: str, limit: int):
+        size = 0
+
+        async def counted():
+            nonlocal size
+            from fastapi import HTTPException
+
+            try:
+                msg = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"request body not received within {self.timeout_s:g} s; send the whole body at once") from None
+            size += len(msg.get("body", b"")) if msg["type"] == "http.request" else 0
+            if size > limit:
+                raise HTTPException(413, f"request body too large: more than {size} bytes, the limit is {limit} bytes")
+            return msg
+
+        return counted
+
+
+async def _answer_error(send, path: str, status: int, detail: str) -> None:
+    body = json.dumps(error_body(path, status, detail)).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _too_large(send, path: str, size: int, limit: int, at_least: bool = False) -> None:
@@ -293,6 +337,22 @@ class ServiceSettings:
     max_pools_per_tenant: int = 1000  # each pool is a state file (141 MB for the default model)
     max_batch: int = 8  # generations batched together (1: one at a time)
     batch_wait_ms: float = 5.0
+    # limits in the unit that costs (issue 17): a prompt's attention grows with its tokens squared,
+    # an injection's time (under its pool's lock) with its tokens
+    max_prompt_tokens: int | None = None  # prompt + max_new_tokens; None: prompt_token_limit(lm, request_memory_bytes)
+    request_memory_bytes: int = 256 << 20  # one request's T x T float32 attention scores fit this (8192 tokens)
+    max_inject_tokens: int = 8192  # tokens per inject request, all texts together
+    body_timeout_s: float = 30.0  # a request body not fully received in this time answers 408
+    max_import_unpacked_bytes: int = 4 << 30  # the members of an import, decompressed
+
+
+def prompt_token_limit(lm, request_memory_bytes: int) -> int:
+    """The default ``max_prompt_tokens``: the model's context window, or fewer when one T x T
+    float32 attention-score matrix of T tokens would not fit ``request_memory_bytes``."""
+    import math
+
+    window = int(lm.info().details.get("context_window") or 2048)
+    return max(1, min(window, math.isqrt(max(request_memory_bytes, 4) // 4)))
 
 
 def create_app(store: MemoryStore, keys: KeyStore | None = None, settings: ServiceSettings | None = None, *, docs=True):
@@ -333,6 +393,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest JSON request body (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_new_tokens / max_tokens a request may ask (default: %(default)s)")
     p.add_argument("--max-pools-per-tenant", type=int, default=d.max_pools_per_tenant, help="memories per tenant (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt + max_new_tokens of one request, in tokens (default: the model's context "
+                                                                        "window, or less when --request-memory-bytes binds)")
+    p.add_argument("--request-memory-bytes", type=int, default=d.request_memory_bytes, help="a prompt's T x T float32 attention scores fit this "
+                                                                                             "(sets the default --max-prompt-tokens; default: %(default)s)")
+    p.add_argument("--max-inject-tokens", type=int, default=d.max_inject_tokens, help="tokens of one inject request, all texts together (default: %(default)s)")
+    p.add_argument("--max-import-bytes", type=int, default=d.max_import_bytes, help="largest import upload (default: %(default)s)")
+    p.add_argument("--max-import-unpacked-bytes", type=int, default=d.max_import_unpacked_bytes, help="an import's states decompressed (default: %(default)s)")
+    p.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s, help="a request body must keep arriving: at most this many seconds "
+                                                                                   "between two pieces, else 408 (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level (default: %(default)s)")
     p.add_argument("--no-access-log", action="store_true", help="no line per request (the access log is on by default, on stdout)")
     p.add_argument("--log-config", default=None, metavar="FILE", help="uvicorn logging configuration (.json, .yaml or .ini) instead of uvicorn's default")
@@ -430,6 +499,10 @@ def cmd_serve(args) -> int:
 
     if args.max_batch < 1 or args.max_new_tokens < 1 or args.max_body_bytes < 1 or args.max_pools_per_tenant < 0 or args.batch_wait_ms < 0:
         return _fail("serve", "--max-batch, --max-new-tokens and --max-body-bytes must be >= 1, --max-pools-per-tenant and --batch-wait-ms >= 0")
+    sizes = (args.request_memory_bytes, args.max_inject_tokens, args.max_import_bytes, args.max_import_unpacked_bytes, args.max_prompt_tokens or 1)
+    if min(sizes) < 1 or not args.body_timeout_s > 0:
+        return _fail("serve", "--max-prompt-tokens, --request-memory-bytes, --max-inject-tokens, --max-import-bytes and "
+                              "--max-import-unpacked-bytes must be >= 1, --body-timeout-s > 0")
     if args.log_config and not Path(args.log_config).is_file():
         return _fail("serve", f"--log-config {args.log_config}: no such file")
     check_free(Path(args.data))  # before the model loads: another server may hold the directory (CLIError: one line, exit 2)
@@ -440,7 +513,10 @@ def cmd_serve(args) -> int:
     with contextlib.closing(sock):
         lm, load_s = _load_model(args)
         settings = ServiceSettings(max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                                   batch_wait_ms=args.batch_wait_ms, max_pools_per_tenant=args.max_pools_per_tenant)
+                                   batch_wait_ms=args.batch_wait_ms, max_pools_per_tenant=args.max_pools_per_tenant,
+                                   max_prompt_tokens=args.max_prompt_tokens, request_memory_bytes=args.request_memory_bytes,
+                                   max_inject_tokens=args.max_inject_tokens, max_import_bytes=args.max_import_bytes,
+                                   max_import_unpacked_bytes=args.max_import_unpacked_bytes, body_timeout_s=args.body_timeout_s)
         try:
             store = MemoryStore(args.data, lm)
         except StoreBusy as e:  # taken while the model loaded

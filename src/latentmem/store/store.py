@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
+import operator
 import os
 import re
 import secrets
@@ -66,7 +68,10 @@ EXPORT_FORMAT = "memoryllm-pool/2"
 EXPORT_FORMATS = ("memoryllm-pool/1", EXPORT_FORMAT)
 EXPORT_STATES = ("live", "base")  # members <state>.safetensors
 FORGET_MODES = ("fast", "exact")
-STAGING = "staging"  # new pools' files before their rows exist (emptied by recover)
+STAGING = "staging"  # every temporary file of the store and the service (emptied by recover)
+SECRET_FILE = "export.key"  # per-server HMAC key of exports (0600): an import must carry its signature
+MANIFEST_MAX_BYTES = 64 << 20  # manifest.json of an import, decompressed
+DEFAULT_UNPACKED_MAX = 4 << 30  # every member of an import together, decompressed
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pools(
@@ -140,6 +145,41 @@ class NotReplayable(StoreError):
 
 class StoreBusy(StoreError):
     """Another process holds this data directory."""
+
+
+class QuotaExceeded(StoreError):
+    """The tenant holds its maximum number of pools."""
+
+
+class ImportRefused(StoreError):
+    """An import file that is damaged, oversized, unsigned by this server, or for another model."""
+
+
+def private_dir(path: Path) -> None:
+    """A directory only its owner can enter (0700), created when missing."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def private_files(directory: Path, *names: str) -> None:
+    """0600 on each existing ``directory/name`` (a database and its -wal / -shm files)."""
+    for n in names:
+        for f in (directory / n, directory / f"{n}-wal", directory / f"{n}-shm"):
+            if f.exists():
+                os.chmod(f, 0o600)
+
+
+def server_secret(directory: Path) -> bytes:
+    """The data directory's export key: 32 random bytes in ``export.key`` (0600), made once."""
+    path = directory / SECRET_FILE
+    if not path.exists():
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(secrets.token_bytes(32)))  # mkstemp: 0600
+        os.chmod(path, 0o600)
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise StoreError(f"{SECRET_FILE} in the data directory is damaged ({len(key)} bytes, expected 32); "
+                         "delete it to make a new one (exports signed with the old one then need trust to import)")
+    return key
 
 
 @dataclass
@@ -226,7 +266,7 @@ class MemoryStore:
         from filelock import FileLock, Timeout
 
         self.dir = Path(data_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)  # pools, ledger texts and keys: the owner's only (issue 17)
         self.lm = lm
         self._flock = FileLock(str(self.dir / ".lock"))
         try:
@@ -243,6 +283,8 @@ class MemoryStore:
         # forgotten texts are overwritten with zeros in the DB file, not just unlinked from it
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(SCHEMA)
+        private_files(self.dir, "store.db")
+        self._secret = server_secret(self.dir)
         self._db_lock = threading.RLock()  # one connection shared by threads
         self._pool_locks: dict[int, threading.Lock] = {}
         self._live: OrderedDict[str, Memory] = OrderedDict()  # state file -> loaded state (LRU)
@@ -269,9 +311,15 @@ class MemoryStore:
         state.save(self._pool_dir(pool_id) / name)  # temp + fsync + rename + fsync(dir)
         return name
 
+    def staging(self) -> Path:
+        """The staging area: where every temporary file goes (swept by ``recover``)."""
+        d = self.dir / STAGING
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
     def _stage(self, state: Memory) -> Path:
         """Write a new pool's state before its row exists (the slow part, outside the DB lock)."""
-        path = self.dir / STAGING / f"{uuid.uuid4().hex}.safetensors"
+        path = self.staging() / f"{uuid.uuid4().hex}.safetensors"
         state.save(path)
         return path
 
@@ -334,6 +382,7 @@ class MemoryStore:
         if (self.dir / STAGING).exists():
             removed += [str(p) for p in (self.dir / STAGING).iterdir()]
             shutil.rmtree(self.dir / STAGING, ignore_errors=True)
+        self.staging()
         root = self.dir / "pools"
         root.mkdir(exist_ok=True)
         with self._db_lock:
@@ -397,8 +446,10 @@ class MemoryStore:
             return [r[0] for r in rows]
 
     # ------------------------------------------------------------------ pools
-    def create(self, name: str, *, seed: int | None = None, tenant: str = "") -> PoolInfo:
-        """A new empty pool; seed seeds its drop generator (random when None, and recorded)."""
+    def create(self, name: str, *, seed: int | None = None, tenant: str = "", max_pools: int | None = None) -> PoolInfo:
+        """A new empty pool; seed seeds its drop generator (random when None, and recorded).
+        ``max_pools``: QuotaExceeded when the tenant already has that many (checked in the
+        creating transaction, so concurrent creates cannot pass it together)."""
         check_name(name)
         seed = secrets.randbits(63) if seed is None else int(seed)
         if not 0 <= seed < 2**63:
@@ -411,6 +462,7 @@ class MemoryStore:
             with self._db_lock:
                 if self._db.execute("SELECT 1 FROM pools WHERE tenant=? AND name=?", (tenant, name)).fetchone():
                     raise AlreadyExists(f"memory {name!r} already exists")
+                self._check_quota(tenant, max_pools)
                 with self._db:  # one transaction: row, file moved in, 'create' event
                     cur = self._db.execute(
                         "INSERT INTO pools(tenant,name,seed,model_id,created_at,state_file,base_file,base_seq,base_reason,next_seq,next_injection_id) "
@@ -425,6 +477,11 @@ class MemoryStore:
                     seq = self._event(row, "create", now, detail=json.dumps({"seed": seed}))
                     self._db.execute("UPDATE pools SET base_seq=? WHERE id=?", (seq, pool_id))
         return self.info(name, tenant=tenant)
+
+    def _check_quota(self, tenant: str, max_pools: int | None) -> None:
+        """(under the DB lock) QuotaExceeded when the tenant holds ``max_pools`` pools."""
+        if max_pools is not None and self._db.execute("SELECT COUNT(*) FROM pools WHERE tenant=?", (tenant,)).fetchone()[0] >= max_pools:
+            raise QuotaExceeded(f"quota: at most {max_pools} memories per tenant; delete one first")
 
     def info(self, name: str, *, tenant: str = "") -> PoolInfo:
         row = self._pool(name, tenant)
@@ -505,23 +562,25 @@ class MemoryStore:
             live = self._load_state(pool["id"], pool["state_file"])
             state = live.clone(deep=False)  # copy on write: readers of `live` are unaffected
             first = pool["next_injection_id"]
+            threads = _torch_threads()  # CPU float sums depend on it: replay runs under the same count
             results = [self.lm.inject(state, t, injection_id=first + i, allow_short=allow_short, progress=False) for i, t in enumerate(texts)]
             file = self._write_state(pool["id"], state)
             now = time.time()
             seqs = []
-            with self._db_lock, self._db:
+            with self._db_lock, _unless_committed(self._pool_dir(pool["id"]) / file), self._db:
                 for t, r in zip(texts, results):
                     seqs.append(self._event(
                         pool, "inject", now, injection_id=r.injection_id, source=source, sha256=text_sha256(t), num_tokens=r.num_tokens,
                         num_chunks=r.num_chunks, allow_short=int(allow_short), text=t if store_text else None, status="live",
+                        detail=json.dumps({"torch_threads": threads}),
                     ))
                 base = {} if store_text else {"base_file": file, "base_seq": seqs[-1], "base_reason": f"injection {results[-1].injection_id} was stored without its text"}
                 sets = {"state_file": file, "next_injection_id": first + len(texts), **base}
                 self._db.execute(f"UPDATE pools SET {','.join(f'{k}=?' for k in sets)} WHERE id=?", (*sets.values(), pool["id"]))
             self._remember(pool["id"], file, state)
             self._collect(pool["id"])
-        return [LedgerEntry(s, "inject", r.injection_id, now, source, text_sha256(t), r.num_tokens, r.num_chunks, allow_short, t if store_text else None, "live")
-                for s, t, r in zip(seqs, texts, results)]
+        return [LedgerEntry(s, "inject", r.injection_id, now, source, text_sha256(t), r.num_tokens, r.num_chunks, allow_short, t if store_text else None, "live",
+                            detail=json.dumps({"torch_threads": threads})) for s, t, r in zip(seqs, texts, results)]
 
     # ------------------------------------------------------------------ reading
     def generate(self, name: str, prompt, *, tenant: str = "", **sampling):
@@ -617,7 +676,8 @@ class MemoryStore:
                 continue
             if r["text"] is None:  # bases are placed after every textless injection; a guard
                 raise NotReplayable(f"injection {r['injection_id']} (seq {r['seq']}) has no stored text")
-            self.lm.inject(state, r["text"], injection_id=r["injection_id"], allow_short=bool(r["allow_short"]), progress=False)
+            with _threads_as_written(r["detail"]):
+                self.lm.inject(state, r["text"], injection_id=r["injection_id"], allow_short=bool(r["allow_short"]), progress=False)
             n += 1
         return state, n
 
@@ -660,6 +720,13 @@ class MemoryStore:
         that contain the injection are deleted (a rollback must not bring it back)."""
         if mode not in FORGET_MODES:
             raise ValueError(f"mode must be one of {FORGET_MODES}, got {mode!r}")
+        given = injection_id
+        try:
+            injection_id = operator.index(injection_id)  # ints, numpy ints; not floats or strings
+        except TypeError:
+            injection_id = 0
+        if not 1 <= injection_id < 2**63:  # SQLite's integers are 64-bit
+            raise ValueError(f"injection_id must be an integer in [1, 2**63), got {given!r}")
         with self._locked_pool(name, tenant) as pool:
             with self._db_lock:
                 target = self._db.execute("SELECT * FROM ledger WHERE pool_id=? AND kind='inject' AND injection_id=?", (pool["id"], injection_id)).fetchone()
@@ -703,7 +770,8 @@ class MemoryStore:
                     (self._pool_dir(pool["id"]) / file).unlink(missing_ok=True)
                     raise
             now = time.time()
-            with self._db_lock, self._db:
+            written = [self._pool_dir(pool["id"]) / f for f in {file, base_file} if f is not None]
+            with self._db_lock, _unless_committed(*written), self._db:
                 self._db.execute(
                     "UPDATE ledger SET text=NULL, status='forgotten', deleted_at=?, detail=? WHERE pool_id=? AND seq=?",
                     (now, f"forgotten ({mode})", pool["id"], target["seq"]),
@@ -734,50 +802,86 @@ class MemoryStore:
         return copy, self.lm.forget(copy, injection_id)
 
     # ------------------------------------------------------------------ export / import
+    def _sign(self, manifest: dict) -> str:
+        """HMAC-SHA256 with this data directory's key over the manifest, which lists the sha256 of
+        every member: only this server (or one given the same ``export.key``) makes files that
+        ``import_file(require_signature=True)`` accepts, so a pool cannot be re-labelled to pass."""
+        return hmac.new(self._secret, _signed_part(manifest), hashlib.sha256).hexdigest()
+
     def export(self, name: str, path: str | os.PathLike, *, tenant: str = "") -> Path:
-        """One zip file (deflate): manifest.json (pool facts + ledger), live.safetensors and
-        base.safetensors. A state equal to the empty memory of the pool's seed (the replay base of
-        a pool that never became unreplayable, the live state of one never written) is left out
-        and listed in ``empty``: import rebuilds it; a base that is the live state itself (after a
-        textless injection) is written once (``base_is_live``). Snapshots are not exported.
-        Written atomically."""
+        """One zip file (deflate): manifest.json (pool facts + ledger + the sha256 of each member,
+        signed with this server's key) and live.safetensors / base.safetensors. A state equal to
+        the empty memory of the pool's seed (the replay base of a pool that never became
+        unreplayable, the live state of one never written) is left out and listed in ``empty``:
+        import rebuilds it; a base that is the live state itself (after a textless injection) is
+        written once (``base_is_live``). Snapshots are not exported. Written atomically."""
         with self._locked_pool(name, tenant) as pool:
             d = self._pool_dir(pool["id"])
             files = dict(zip(EXPORT_STATES, (pool["state_file"], pool["base_file"])))
             blank = self.lm.new_memory(seed=pool["seed"])
             empty = [k for k, f in files.items() if self._load_state(pool["id"], f).equal(blank)]
             same = files["base"] == files["live"]
+            members = {k: f for k, f in files.items() if k not in empty and not (k == "base" and same)}
             manifest = {
                 "format": EXPORT_FORMAT, "name": pool["name"], "seed": pool["seed"], "model_id": pool["model_id"],
                 "created_at": pool["created_at"], "exported_at": time.time(), "base_seq": pool["base_seq"], "base_reason": pool["base_reason"],
                 "next_injection_id": pool["next_injection_id"], "empty": empty, "base_is_live": same,
                 "ledger": [e.to_dict() for e in self.history(name, tenant=tenant)],
+                "members": {f"{k}.safetensors": _file_sha256(d / f) for k, f in members.items()},
             }
+            manifest["signature"] = self._sign(manifest)
 
             def write(tmp):
                 # level 1: float tensors barely compress at any level (a few %), while what does
                 # (never-written slots, provenance, the manifest) compresses as well at level 1
                 with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
                     z.writestr("manifest.json", json.dumps(manifest, indent=1))
-                    for k, f in files.items():
-                        if k not in empty and not (k == "base" and same):
-                            z.write(d / f, f"{k}.safetensors")
+                    for k, f in members.items():
+                        z.write(d / f, f"{k}.safetensors")
 
             atomic_write(path, write)
         return Path(path)
 
-    def import_file(self, path: str | os.PathLike, name: str | None = None, *, tenant: str = "") -> PoolInfo:
+    def import_file(self, path: str | os.PathLike, name: str | None = None, *, tenant: str = "", require_signature: bool = False,
+                    max_unpacked_bytes: int = DEFAULT_UNPACKED_MAX, max_pools: int | None = None) -> PoolInfo:
         """Create a pool from an exported file (under its own name unless `name` is given).
         The ledger is kept (ids, texts, statuses); replay still starts at the exported base.
-        A state the export left out as empty is rebuilt as ``new_memory(seed)``."""
+        A state the export left out as empty is rebuilt as ``new_memory(seed)``.
+
+        ``require_signature`` (what the service asks): the manifest must carry this server's
+        signature (see ``_sign``) and every member its listed sha256; without it, files of older
+        versions and of other servers import too (local files an operator chose). Members are
+        decompressed only up to ``max_unpacked_bytes`` together. Every refusal is an
+        ImportRefused (or InvalidName / AlreadyExists / QuotaExceeded) whose message names the
+        member, never a server path, and leaves nothing behind."""
+        label = Path(path).name
         try:
             z = zipfile.ZipFile(path)
-            manifest = json.loads(z.read("manifest.json"))
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-            raise StoreError(f"{path} is not a memory export: {e}") from e
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ImportRefused(f"{label} is not a memory export: {e}") from e
         with z:
+            try:
+                infos = {i.filename: i for i in z.infolist()}
+                info = infos["manifest.json"]
+                if info.file_size > MANIFEST_MAX_BYTES:
+                    raise ImportRefused(f"{label}: manifest.json unpacks to {info.file_size} bytes, the limit is {MANIFEST_MAX_BYTES}")
+                unpacked = sum(i.file_size for n, i in infos.items() if n.endswith(".safetensors"))
+                if unpacked > max_unpacked_bytes:
+                    raise ImportRefused(f"{label}: its states unpack to {unpacked} bytes, the limit is {max_unpacked_bytes} bytes")
+                manifest = json.loads(z.read(info))
+            except ImportRefused:
+                raise
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as e:  # RuntimeError: encrypted
+                raise ImportRefused(f"{label} is not a memory export: {e}") from e
             if not isinstance(manifest, dict) or manifest.get("format") not in EXPORT_FORMATS:
-                raise StoreError(f"{path}: unknown export format, expected one of {', '.join(map(repr, EXPORT_FORMATS))}")
+                raise ImportRefused(f"{label}: unknown export format, expected one of {', '.join(map(repr, EXPORT_FORMATS))}")
+            if require_signature:
+                sig = manifest.get("signature")
+                if not isinstance(sig, str) or not hmac.compare_digest(sig, self._sign(manifest)):
+                    raise ImportRefused(f"{label}: not signed by this server (exports are signed with the data directory's "
+                                        f"{SECRET_FILE}); export it from this server, or import it locally with memoryllm import")
+                if manifest.get("model_id") != self.lm.model_id:
+                    raise ImportRefused(f"{label}: memory was made for model {manifest.get('model_id')!r}, this model is {self.lm.model_id!r}")
             name = check_name(name or manifest.get("name", ""))
             try:
                 ledger = [{c: e.get(c) for c in LedgerEntry.__dataclass_fields__} for e in manifest["ledger"]]
@@ -786,23 +890,21 @@ class MemoryStore:
                 empty, same = set(manifest.get("empty", [])), manifest.get("base_is_live", False)
                 if not 0 <= facts[0] < 2**63 or not empty <= set(EXPORT_STATES) or not isinstance(same, bool):
                     raise ValueError(f"seed {facts[0]} or empty states {sorted(empty)} out of range")
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise StoreError(f"{path}: damaged manifest: {e!r}") from e
+                if not all(-(2**63) <= x < 2**63 for x in (facts[1], facts[3], last_seq)):
+                    raise ValueError("base_seq, next_injection_id or a seq out of range")
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+                raise ImportRefused(f"{label}: damaged manifest: {e!r}"[:500]) from e
             if empty and manifest.get("model_id") != self.lm.model_id:  # what load_memory checks for a stored state
-                raise MemoryFormatError(f"{path}: memory was made for model {manifest.get('model_id')!r}, this model is {self.lm.model_id!r}")
-            staging = self.dir / STAGING
-            staging.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=staging) as tmp:  # recover() removes it after a crash
-                try:
-                    states = {k: self.lm.new_memory(seed=facts[0]) if k in empty else self.lm.load_memory(z.extract(f"{k}.safetensors", tmp))
-                              for k in EXPORT_STATES[: 1 if same else 2]}
-                except KeyError as e:
-                    raise StoreError(f"{path}: missing {e}") from e
+                raise ImportRefused(f"{label}: memory was made for model {manifest.get('model_id')!r}, this model is {self.lm.model_id!r}")
+            with tempfile.TemporaryDirectory(dir=self.staging()) as tmp:  # recover() removes it after a crash
+                states = {k: self.lm.new_memory(seed=facts[0]) if k in empty else self._import_state(z, f"{k}.safetensors", Path(tmp), label, manifest, require_signature)
+                          for k in EXPORT_STATES[: 1 if same else 2]}
                 staged = {k: self._stage(st) for k, st in states.items()}
                 now = time.time()
                 with self._db_lock, _removing(*staged.values()), contextlib.ExitStack() as stack:
                     if self._db.execute("SELECT 1 FROM pools WHERE tenant=? AND name=?", (tenant, name)).fetchone():
                         raise AlreadyExists(f"memory {name!r} already exists")
+                    self._check_quota(tenant, max_pools)
                     with self._db:
                         cur = self._db.execute(
                             "INSERT INTO pools(tenant,name,seed,model_id,created_at,state_file,base_file,base_seq,base_reason,next_seq,next_injection_id) "
@@ -820,11 +922,29 @@ class MemoryStore:
                                 f"INSERT INTO ledger(pool_id,{','.join(cols)}) VALUES (?{',?' * len(cols)})",
                                 [(pool_id, *[e[c] for c in cols]) for e in ledger],
                             )
-                        except sqlite3.Error as e:  # e.g. repeated seq numbers, values of the wrong type
-                            raise StoreError(f"{path}: damaged ledger: {e}") from e
+                        except (sqlite3.Error, OverflowError) as e:  # repeated seq numbers, values of the wrong type, ints over 64 bits
+                            raise ImportRefused(f"{label}: damaged ledger: {e}") from e
                         row = self._db.execute("SELECT * FROM pools WHERE id=?", (pool_id,)).fetchone()
-                        self._event(row, "import", now, detail=json.dumps({"from": Path(path).name, "exported_at": manifest.get("exported_at")}))
+                        self._event(row, "import", now, detail=json.dumps({"from": label, "exported_at": manifest.get("exported_at")}))
         return self.info(name, tenant=tenant)
+
+    def _import_state(self, z: zipfile.ZipFile, member: str, tmp: Path, label: str, manifest: dict, check_digest: bool) -> Memory:
+        """One member of an import, extracted into ``tmp`` and loaded by the model; any failure is
+        an ImportRefused naming the member (not the temp path)."""
+        try:
+            extracted = z.extract(member, tmp)
+        except KeyError:
+            raise ImportRefused(f"{label}: missing {member}") from None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+            raise ImportRefused(f"{label}: {member} cannot be unpacked: {e}") from None
+        if check_digest and (manifest.get("members") or {}).get(member) != _file_sha256(Path(extracted)):
+            raise ImportRefused(f"{label}: {member} does not match the sha256 its signed manifest lists")
+        try:
+            return self.lm.load_memory(extracted)
+        except MemoryFormatError as e:
+            raise ImportRefused(f"{label}: {member}: {str(e).replace(str(extracted), member)}") from None
+        except Exception as e:  # a state of another shape fails inside the design's loader
+            raise ImportRefused(f"{label}: {member} is not a state of this model ({type(e).__name__}: {str(e).replace(str(extracted), member)[:300]})") from None
 
 
     # ------------------------------------------------------------------ search
@@ -851,6 +971,58 @@ class MemoryStore:
                 if len(hits) == limit:
                     break
         return hits
+
+@contextlib.contextmanager
+def _unless_committed(*paths: Path):
+    """Delete files written for a transaction that failed (no row will ever name them)."""
+    try:
+        yield
+    except BaseException:
+        for p in paths:
+            p.unlink(missing_ok=True)
+        raise
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def _threads_as_written(detail: str | None):
+    """Run a replayed injection under the torch thread count recorded when it was written
+    (ledger ``detail`` {"torch_threads": n}): CPU kernels split float sums by thread, so a
+    write replays bit for bit only at its own count. Rows without a record (older ledgers) run
+    at the current count. The count is process-wide while it is changed."""
+    try:
+        want = json.loads(detail).get("torch_threads") if detail else None
+    except (ValueError, AttributeError):
+        want = None
+    import torch
+
+    have = torch.get_num_threads()
+    if not isinstance(want, int) or want < 1 or want == have:
+        yield
+        return
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(have)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _signed_part(manifest: dict) -> bytes:
+    return json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True).encode()
+
 
 @contextlib.contextmanager
 def _removing(*paths: Path):
