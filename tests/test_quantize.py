@@ -79,3 +79,16 @@ def test_default_model_int8_answers_like_fp32():
         sizes.append(lm.info().details["weights_bytes"])
     assert "14 March" in answers[0] and "14 March" in answers[1]
     assert sizes[1] < 0.5 * sizes[0]
+
+
+@pytest.mark.default_model
+def test_half_precision_loads_keep_the_fp32_model_id():
+    """The shipped weights are merged in fp32 whatever the dtype, so a bf16 load has the fp32
+    model's id (and accepts its memories). (fp16 can still differ: fp32 -> fp16 -> bf16 rounds
+    twice in the id's samples; changing the id's recipe would orphan saved memories.)"""
+    import latentmem
+
+    ids = {str(d): latentmem.load(dtype=d).model_id for d in (torch.float32, torch.bfloat16)}
+    assert len(set(ids.values())) == 1, ids
+    lm = latentmem.load(dtype=torch.bfloat16)
+    assert lm.model.dtype == torch.bfloat16 and lm.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16

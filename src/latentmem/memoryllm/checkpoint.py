@@ -121,10 +121,15 @@ def load_default(
     shape = trained_shape(SHIPPED_WEIGHTS) if trained else {}
     num_tokens = num_tokens or shape.get("num_tokens", DEFAULT_NUM_TOKENS)
     num_blocks = num_blocks or shape.get("num_blocks", DEFAULT_NUM_BLOCKS)
+    # The trained weights are applied in fp32 and the result cast once: merging LoRA factors into
+    # bf16/fp16 weights would round twice, and the model id (bf16 samples of the weights) of a
+    # half-precision load would then differ from the fp32 one, refusing its memories.
     model, tokenizer = load_hf_folder(
-        default_model_dir(), num_tokens=num_tokens, num_blocks=num_blocks, dtype=dtype, device=device, **memory_overrides
+        default_model_dir(), num_tokens=num_tokens, num_blocks=num_blocks, dtype=torch.float32 if trained else dtype, device=device, **memory_overrides
     )
     model.applied_weights = apply_trained_weights(model) if trained else None
+    if model.dtype != dtype:
+        model.to(dtype)
     return model, tokenizer
 
 
