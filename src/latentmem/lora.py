@@ -15,7 +15,6 @@ import contextlib
 import functools
 import math
 import re
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -203,9 +202,8 @@ def attach_adapters(model: nn.Module, loras: dict[str, dict[str, dict[str, Tenso
         for module in sorted({m for per in loras.values() for m in per}):
             layer = modules[module]
             if not isinstance(layer, RoleLoRALinear):
-                parent, _, child = module.rpartition(".")
                 layer = RoleLoRALinear(layer)
-                setattr(model.get_submodule(parent) if parent else model, child, layer)
+                model.set_submodule(module, layer)
             for adapter in (roles["write"], roles["read"]):
                 layer.add_adapter(adapter, r, alpha, use_rslora=rslora)
         for adapter, per in loras.items():

@@ -67,7 +67,5 @@ def quantize_int8(model: nn.Module) -> int:
         raise ValueError(f"quantize='int8' is a CPU path (torch's int8 weight-only kernel); on {norm.device.type} load with dtype=torch.bfloat16 instead")
     targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in name and (name == "lm_head" or name.startswith("model.layers."))]
     for name in targets:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, Int8WeightOnlyLinear(getattr(owner, child)))
+        model.set_submodule(name, Int8WeightOnlyLinear(model.get_submodule(name)))
     return len(targets)
